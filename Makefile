@@ -1,0 +1,39 @@
+# `make demo` and `make test` set everything up on a fresh machine (Python 3.12 venv in .venv) and run.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast test-gpu setup clean
+
+$(STAMP): pyproject.toml scripts/find-python312.sh
+	@set -e; \
+	if [ ! -x $(PY) ]; then \
+	  PY312=$$(scripts/find-python312.sh); \
+	  echo "creating $(VENV) with $$PY312"; \
+	  "$$PY312" -m venv $(VENV); \
+	fi; \
+	$(PY) -m pip install --quiet --upgrade pip; \
+	$(PY) -m pip install --quiet --progress-bar on -e '.[test]'; \
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on the embedded default: a tiny Megatron model learns arithmetic with NFT on CPU.
+demo: $(STAMP)
+	$(VENV)/bin/megatron-nft demo $(ARGS)
+
+# All CPU tests (unit, distributed over gloo, end-to-end). GPU tests are marked and excluded.
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+# Everything except the slow end-to-end tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)
+
+# On a machine with CUDA.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu -o addopts="" $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs/demo build *.egg-info
