@@ -1,0 +1,495 @@
+"""The Megatron actor: a megatron-core GPTModel with DDP, the distributed optimizer and Megatron's
+pipeline schedules, computing per-token log-probs and taking policy-loss steps.
+
+Every rank calls the same methods with the same global batch; the actor takes its data-parallel slice,
+runs `get_forward_backward_func()` over micro-batches, and returns results replicated on all ranks.
+
+Batch layout (all tensors on CPU, rows = responses, right-padded):
+  tokens        [B, S]  prompt + response token ids
+  loss_mask     [B, S]  1 where labels[:, t] = tokens[:, t+1] is a response token
+  old_logprobs  [B, S]  log pi_old at the same positions (train_step only)
+  rewards       [B]     r in {0, 1}                          (train_step only)
+  correct_rate  [B]     the response's group mean reward r^  (train_step only)
+Per-token outputs are aligned with labels: position t scores tokens[:, t+1]; the last column is 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_nft import runtime
+from megatron_nft.algorithms import policy_loss
+from megatron_nft.model import mapping
+from megatron_nft.model.logprobs import mask_vocab_padding, vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_nft.model.qwen2 import Qwen2Shape, build_gpt_model, te_available, transformer_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    algorithm: str = "nft"
+    prompt_weight: str = "one_minus_r"
+    eps: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    agg: str = "token_sum_norm"
+    agg_norm: float = 1000.0
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 1e-6
+    min_lr: float | None = None
+    warmup_steps: int = 10
+    total_steps: int = 1000
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+class Actor:
+    def __init__(
+        self,
+        shape: Qwen2Shape,
+        *,
+        tp: int = 1,
+        pp: int = 1,
+        dtype: str = "fp32",
+        micro_batch_size: int = 8,
+        optim: OptimSettings = OptimSettings(),
+        loss: LossSettings = LossSettings(),
+        temperature: float = 1.0,
+        seed: int = 1234,
+    ):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        shape.check_parallel(tp, pp)
+        self.shape, self.loss, self.temperature = shape, loss, temperature
+        self.micro_batch_size = micro_batch_size
+        self.dtype = DTYPES[dtype]
+        self.device = torch.device("cuda", torch.cuda.current_device()) if runtime.CUDA else torch.device("cpu")
+        self.use_te = te_available()
+        runtime.init_model_parallel(runtime.ParallelLayout(tp=tp, pp=pp), seed)
+        self.tp, self.pp = tp, pp
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.dp = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.first_stage = ps.is_pipeline_first_stage()
+        self.last_stage = ps.is_pipeline_last_stage()
+        self.layers_per_stage = shape.num_layers // pp
+        self.layer_offset = self.pp_rank * self.layers_per_stage
+
+        with runtime.megatron_device_compat():
+            self.config = transformer_config(shape, dtype=self.dtype, tp=tp, pp=pp)
+            model = build_gpt_model(
+                shape,
+                self.config,
+                tp=tp,
+                use_te=self.use_te,
+                pre_process=self.first_stage,
+                post_process=self.last_stage,
+            ).to(self.device)
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=False
+            )
+            self.model = DistributedDataParallel(self.config, ddp_config, model)
+            self.optimizer = get_megatron_optimizer(
+                OptimizerConfig(
+                    optimizer="adam",
+                    lr=optim.lr,
+                    min_lr=optim.lr if optim.min_lr is None else optim.min_lr,
+                    weight_decay=optim.weight_decay,
+                    adam_beta1=optim.adam_beta1,
+                    adam_beta2=optim.adam_beta2,
+                    adam_eps=optim.adam_eps,
+                    clip_grad=optim.grad_clip,
+                    bf16=self.dtype == torch.bfloat16,
+                    fp16=self.dtype == torch.float16,
+                    params_dtype=self.dtype,
+                    use_distributed_optimizer=True,
+                ),
+                [self.model],
+            )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if optim.warmup_steps else optim.lr,
+            max_lr=optim.lr,
+            min_lr=optim.lr if optim.min_lr is None else optim.min_lr,
+            lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1),
+            lr_decay_style="constant" if optim.min_lr is None else "cosine",
+            start_wd=optim.weight_decay,
+            end_wd=optim.weight_decay,
+            wd_incr_steps=1,
+            wd_incr_style="constant",
+        )
+        # What Megatron-LM's training loop wires up: gradient all-reduce over DP (and the tied
+        # embedding's all-reduce across pipeline stages) after the last micro-batch, and no_sync for
+        # the others.
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = self.model.no_sync
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.steps = 0
+
+    # ------------------------------------------------------------------------------------------------
+    # weights
+    # ------------------------------------------------------------------------------------------------
+
+    def _rule_table(self):
+        return mapping.rules_by_megatron_name(
+            self.shape,
+            use_te=self.use_te,
+            layer_offset=self.layer_offset,
+            num_local_layers=self.layers_per_stage,
+            first_stage=self.first_stage,
+            last_stage=self.last_stage,
+        )
+
+    @torch.no_grad()
+    def load_hf(self, fetch: Callable[[str], torch.Tensor]) -> None:
+        """Loads this rank's shard of an HF Qwen2 checkpoint; `fetch(name)` returns one HF tensor."""
+        params = dict(self.model.module.named_parameters())
+        table = self._rule_table()
+        missing = sorted(set(params) - set(table))
+        if missing:
+            raise RuntimeError(f"no HF mapping for Megatron parameters {missing}")
+        for name, shard in mapping.megatron_shard_state(
+            self.shape,
+            fetch,
+            tp_rank=self.tp_rank,
+            tp=self.tp,
+            layer_offset=self.layer_offset,
+            num_local_layers=self.layers_per_stage,
+            first_stage=self.first_stage,
+            last_stage=self.last_stage,
+            use_te=self.use_te,
+        ):
+            param = params[name]
+            if param.shape != shard.shape:
+                raise ValueError(f"{name}: HF gives shape {tuple(shard.shape)}, Megatron expects {tuple(param.shape)}")
+            param.copy_(shard.to(param.dtype))
+        # The distributed optimizer keeps fp32 main copies of bf16/fp16 params: refresh them.
+        self.optimizer.reload_model_params()
+
+    @torch.no_grad()
+    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (HF name, full tensor) for the whole model on global rank 0 (nothing elsewhere).
+
+        Tensor-parallel shards are all-gathered; pipeline stages send their tensors to rank 0 one
+        parameter at a time (so rank 0 holds at most one extra tensor per stage)."""
+        from megatron.core import parallel_state as ps
+
+        tp_group = ps.get_tensor_model_parallel_group()
+        params = dict(self.model.module.named_parameters())
+        table = self._rule_table()
+        mine = []
+        for name, param in params.items():
+            rule, hf_names = table[name]
+            if name == "output_layer.weight" and self.shape.tie_word_embeddings:
+                continue  # the first stage exports the tied embedding
+            if self.tp > 1 and rule.split != mapping.REPLICATED:
+                shards = [torch.empty_like(param) for _ in range(self.tp)]
+                dist.all_gather(shards, param.contiguous(), group=tp_group)
+            else:
+                shards = [param]
+            mine.extend(zip(hf_names, mapping.hf_from_shards(self.shape, rule, [s.detach() for s in shards])))
+        if self.pp == 1:
+            if dist.get_rank() == 0:
+                yield from ((n, t.detach().cpu()) for n, t in mine)
+            return
+        # Pipeline stages: each stage's data-parallel rank 0 / TP rank 0 holds its full tensors.
+        pp_group = ps.get_pipeline_model_parallel_group()
+        holder = ps.get_data_parallel_rank() == 0 and self.tp_rank == 0
+        for stage in range(self.pp):
+            src = dist.get_global_rank(pp_group, stage) if holder else None
+            if not holder:
+                continue
+            names = [[n for n, _ in mine]] if stage == self.pp_rank else [None]
+            dist.broadcast_object_list(names, src=src, group=pp_group)
+            lookup = dict(mine) if stage == self.pp_rank else {}
+            for n in names[0]:
+                meta = [(tuple(lookup[n].shape), lookup[n].dtype)] if stage == self.pp_rank else [None]
+                dist.broadcast_object_list(meta, src=src, group=pp_group)
+                t = lookup[n].contiguous() if stage == self.pp_rank else torch.empty(meta[0][0], dtype=meta[0][1], device=self.device)
+                dist.broadcast(t, src=src, group=pp_group)
+                if dist.get_rank() == 0:
+                    yield n, t.cpu()
+
+    # ------------------------------------------------------------------------------------------------
+    # forward / backward
+    # ------------------------------------------------------------------------------------------------
+
+    def _padded_rows(self, batch_size: int) -> int:
+        unit = self.dp * self.micro_batch_size
+        return int(math.ceil(batch_size / unit) * unit)
+
+    def _local_microbatches(self, batch: dict) -> tuple[list[dict], int]:
+        """Pads rows to a multiple of dp * micro_batch_size (padding rows have loss_mask 0), takes this
+        rank's contiguous slice, and cuts it into micro-batches."""
+        rows = batch["tokens"].shape[0]
+        total = self._padded_rows(rows)
+        padded = {}
+        for key, value in batch.items():
+            if total > rows:
+                filler = torch.zeros((total - rows, *value.shape[1:]), dtype=value.dtype)
+                value = torch.cat([value, filler])
+            per_rank = total // self.dp
+            padded[key] = value[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        per_rank = total // self.dp
+        micro = [
+            {k: v[i : i + self.micro_batch_size].to(self.device) for k, v in padded.items()}
+            for i in range(0, per_rank, self.micro_batch_size)
+        ]
+        return micro, total
+
+    def _run(self, micro: list[dict], loss_func_for: Callable[[dict], Callable], *, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        seq_len = micro[0]["tokens"].shape[1]
+        causal = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=self.device), diagonal=1)
+        causal = causal[None, None]  # Megatron's convention: True = masked out
+        positions = torch.arange(seq_len, device=self.device)
+        # Labels for position t are the token at t+1; the last position gets a dummy label (masked).
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            tokens = mb["tokens"]
+            labels = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
+            output = model(
+                tokens,
+                positions.expand_as(tokens),
+                causal,
+                labels=labels,
+                output_processor=self._logprob_processor,
+            )
+            return output, loss_func_for(mb)
+
+        with runtime.megatron_device_compat():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(micro),
+                model=[self.model],
+                num_microbatches=len(micro),
+                seq_length=seq_len,
+                micro_batch_size=self.micro_batch_size,
+                forward_only=forward_only,
+            )
+
+    def _logprob_processor(self, *, hidden_states, output_layer, output_weight, labels, **_):
+        """Replaces GPTModel's loss on the last stage: per-token log-probs and entropy, [b, s] each."""
+        logits, _ = output_layer(hidden_states, weight=output_weight)
+        logits = mask_vocab_padding(logits, self.shape.vocab_size, self.tp_rank)
+        from megatron.core import parallel_state as ps
+
+        tp_group = ps.get_tensor_model_parallel_group() if self.tp > 1 else None
+        scaled = logits.float() / self.temperature
+        entropy = vocab_parallel_entropy(scaled, tp_group)
+        logprobs = vocab_parallel_logprobs(scaled, labels.transpose(0, 1).contiguous())
+        return torch.stack([logprobs.transpose(0, 1), entropy.transpose(0, 1).to(logprobs.dtype)], dim=0)
+
+    def _broadcast_from_last_stage(self, tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        if self.pp == 1:
+            return tensor
+        if tensor is None:
+            tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        return tensor
+
+    def _gather_dp(self, local: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        if self.dp == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.dp)]
+        dist.all_gather(parts, local.contiguous(), group=ps.get_data_parallel_group())
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropies [B, S] under the current weights, on every rank."""
+        self.model.eval()
+        rows, seq_len = batch["tokens"].shape
+        micro, total = self._local_microbatches({"tokens": batch["tokens"]})
+
+        def loss_func_for(mb):
+            def collect(output):
+                return output.sum() * 0.0, {"logprobs_entropy": output.detach().clone()}
+
+            return collect
+
+        outputs = self._run(micro, loss_func_for, forward_only=True)
+        local = torch.cat([o["logprobs_entropy"] for o in outputs], dim=1) if self.last_stage else None
+        local = self._broadcast_from_last_stage(local, (2, total // self.dp, seq_len), torch.float32)
+        full = self._gather_dp(local)[:, :rows].cpu()
+        full[:, :, -1] = 0.0
+        return full[0], full[1]
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimizer step on a minibatch: returns loss, grad norm, lr and the loss stats."""
+        self.model.train()
+        num_tokens = float(batch["loss_mask"].sum())
+        # token_mean over the whole minibatch == token_sum_norm with the minibatch's token count, which
+        # is additive over micro-batches and ranks; see algorithms.policy_loss.
+        norm = self.loss.agg_norm if self.loss.agg == "token_sum_norm" else max(num_tokens, 1.0)
+        micro, _ = self._local_microbatches(
+            {k: batch[k] for k in ("tokens", "loss_mask", "old_logprobs", "rewards", "correct_rate")}
+        )
+        # Megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP
+        # averages gradients over data-parallel ranks; undo both so the gradient is that of the
+        # minibatch loss itself, whatever the micro-batching and parallel layout.
+        undo = len(micro) * self.dp
+
+        def loss_func_for(mb):
+            def loss_func(output):
+                logprobs, entropy = output[0], output[1]
+                loss, stats = policy_loss(
+                    self.loss.algorithm,
+                    logprobs,
+                    mb["old_logprobs"].float(),
+                    mb["rewards"].float(),
+                    mb["correct_rate"].float(),
+                    mb["loss_mask"].float(),
+                    prompt_weight=self.loss.prompt_weight,
+                    neg_clip=self.loss.eps,
+                    clip_low=self.loss.clip_low,
+                    clip_high=self.loss.clip_high,
+                    agg="token_sum_norm",
+                    agg_norm=norm,
+                )
+                mask = mb["loss_mask"].float()
+                sums = {
+                    "loss": loss.detach().clone(),
+                    "entropy_sum": (entropy.detach() * mask).sum(),
+                    "tokens": mask.sum(),
+                }
+                for key in ("ratio_mean", "neg_floor_frac", "clip_frac"):
+                    if key in stats:
+                        sums[f"{key}_sum"] = stats[key].detach() * mask.sum()
+                return loss * undo, sums
+
+            return loss_func
+
+        with runtime.megatron_device_compat():
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            outputs = self._run(micro, loss_func_for, forward_only=False)
+            update_ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.steps += 1
+        keys = ["loss", "entropy_sum", "tokens", "ratio_mean_sum", "neg_floor_frac_sum", "clip_frac_sum"]
+        local = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        if self.last_stage:
+            for o in outputs:
+                for i, k in enumerate(keys):
+                    if k in o:
+                        local[i] += o[k].double()
+        local = self._broadcast_from_last_stage(local, (len(keys),), torch.float64)
+        if self.dp > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(local, group=ps.get_data_parallel_group())
+        totals = dict(zip(keys, local.tolist()))
+        tokens = max(totals["tokens"], 1.0)
+        return {
+            "loss": totals["loss"],
+            "entropy": totals["entropy_sum"] / tokens,
+            "ratio_mean": totals["ratio_mean_sum"] / tokens,
+            "neg_floor_frac": totals["neg_floor_frac_sum"] / tokens,
+            "clip_frac": totals["clip_frac_sum"] / tokens,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "update_ok": bool(update_ok),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens": totals["tokens"],
+        }
+
+    # ------------------------------------------------------------------------------------------------
+    # checkpoints (megatron-core dist_checkpointing, torch_dist format: loadable at another TP/PP)
+    # ------------------------------------------------------------------------------------------------
+
+    def _sharded_state_dict(self, *, is_loading: bool, with_optimizer: bool) -> dict:
+        model_sd = self.model.module.sharded_state_dict()
+        state = {"model": model_sd}
+        if with_optimizer:
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+            )
+        return state
+
+    def save_checkpoint(self, directory: str | Path, *, with_optimizer: bool = True) -> None:
+        """All ranks call this; `directory` must exist and be empty."""
+        from megatron.core import dist_checkpointing
+
+        with runtime.megatron_device_compat():
+            dist_checkpointing.save(self._sharded_state_dict(is_loading=False, with_optimizer=with_optimizer), str(directory))
+        if runtime.is_main_rank():
+            (Path(directory) / "actor_state.json").write_text(
+                json.dumps({"steps": self.steps, "adam_step": self._adam_step(), "scheduler": self.scheduler.state_dict()})
+            )
+
+    def _materialize_optimizer_state(self) -> None:
+        """A fresh torch Adam has no per-parameter state until its first step, and the distributed
+        optimizer's state_dict() (distrib_optimizer.py, the path without apex/TE) reads each state's
+        'step' while building the sharded dict to load into. Give every parameter the state a step
+        would create (zeros, step 0); the load then overwrites all of it."""
+        for torch_opt in self._torch_optimizers():
+            for group in torch_opt.param_groups:
+                for p in group["params"]:
+                    state = torch_opt.state[p]
+                    if not state:
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = torch.zeros_like(p.data)
+                        state["exp_avg_sq"] = torch.zeros_like(p.data)
+
+    def _torch_optimizers(self):
+        return [inner.optimizer for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+
+    def _adam_step(self) -> int:
+        steps = {int(st["step"]) for opt in self._torch_optimizers() for st in opt.state.values() if "step" in st}
+        return steps.pop() if len(steps) == 1 else 0
+
+    def _restore_adam_steps(self, step: int) -> None:
+        """Without apex/TE, DistributedOptimizer.load_state_dict gives every parameter's torch-Adam
+        state one shared 'step' tensor, and the parameter-state copy that follows can overwrite it;
+        torch's Adam would then increment the shared tensor once per parameter. The step count is
+        saved beside the checkpoint and restored here, one tensor per parameter."""
+        for opt in self._torch_optimizers():
+            for state in opt.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(float(step))
+
+    def load_checkpoint(self, directory: str | Path, *, with_optimizer: bool = True) -> None:
+        from megatron.core import dist_checkpointing
+
+        if with_optimizer:
+            self._materialize_optimizer_state()
+        with runtime.megatron_device_compat():
+            loaded = dist_checkpointing.load(
+                self._sharded_state_dict(is_loading=True, with_optimizer=with_optimizer), str(directory)
+            )
+            self.model.module.load_state_dict(loaded["model"])
+            if with_optimizer:
+                # Copies into views of the fp32 parameters: must not be recorded by autograd.
+                with torch.no_grad():
+                    self.optimizer.load_state_dict(loaded["optimizer"])
+            else:
+                self.optimizer.reload_model_params()
+        meta = json.loads((Path(directory) / "actor_state.json").read_text())
+        self.steps = meta["steps"]
+        if with_optimizer:
+            self._restore_adam_steps(meta["adam_step"])
+            self.scheduler.load_state_dict(meta["scheduler"])

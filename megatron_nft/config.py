@@ -1,0 +1,261 @@
+"""Typed configuration: one dataclass per concern, YAML recipes, dotted command-line overrides.
+
+OmegaConf structured configs do the merging and the type checks (an int where a float is expected,
+an unknown key); this module adds the allowed-value checks and the cross-field checks, and turns every
+failure into one line naming the key. A config is built once, validated, and never mutated afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_nft.errors import ConfigError
+
+ALGORITHMS = ("nft", "rft", "grpo", "dr_grpo", "dapo")
+PROMPT_WEIGHTS = ("uniform", "one_minus_r", "grpo")
+AGGREGATIONS = ("token_sum_norm", "token_mean")
+TEMPLATES = ("dapo", "boxed", "raw")
+ANSWER_FORMATS = ("auto", "dapo", "boxed")
+DTYPES = ("fp32", "bf16", "fp16")
+ENGINES = ("local",)
+TASKS = ("arithmetic", "jsonl")
+
+
+def choice(default, allowed):
+    return field(default=default, metadata={"choices": allowed})
+
+
+@dataclass
+class ModelConfig:
+    """The policy. `hf_path` is a Hugging Face Qwen2 checkpoint directory; without one the run builds a
+    small random Qwen2 of the shape below (the embedded CPU default) with its own trained tokenizer."""
+
+    hf_path: str | None = None
+    dtype: str = choice("fp32", DTYPES)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = True
+    vocab_size: int = 384  # size of the BPE tokenizer trained for the embedded task
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    micro_batch_size: int = 64
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float | None = None  # None: constant after warm-up (the paper); else cosine to min_lr
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class AlgoConfig:
+    """The policy loss (see algorithms.policy_loss) and the batch it sees."""
+
+    name: str = choice("nft", ALGORITHMS)
+    prompt_weight: str = choice("one_minus_r", PROMPT_WEIGHTS)
+    eps: float = 1.0  # NFT's floor on the negative ratio term (the straight-through max_v)
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    agg: str = choice("token_sum_norm", AGGREGATIONS)
+    agg_norm: float = 1000.0
+    num_minibatches: int = 16
+    dynamic_sampling: bool = True  # keep only groups with 0 < mean reward < 1 (DAPO)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = choice("local", ENGINES)
+    prompts_per_step: int = 512  # N: prompts in one training batch
+    samples_per_prompt: int = 16  # K: answers per prompt
+    gen_prompts: int = 768  # prompts sampled per generation round (>= prompts_per_step)
+    max_num_gen_batches: int = 4  # generation rounds before training on what was kept
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 3584
+
+
+@dataclass
+class DataConfig:
+    task: str = choice("arithmetic", TASKS)
+    train_path: str | None = None
+    eval_path: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    template: str = choice("dapo", TEMPLATES)
+    chat: bool = False
+    max_prompt_len: int = 512
+    # the embedded arithmetic task
+    n_train: int = 4000
+    n_eval: int = 200
+    max_operand: int = 30
+
+
+@dataclass
+class RewardConfig:
+    answer_format: str = choice("auto", ANSWER_FORMATS)
+    timeout_s: float = 5.0
+    workers: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5  # evaluate held-out accuracy every N steps (0: only before and after training)
+    samples: int = 4  # answers per held-out problem (avg@k)
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up on reference answers before RL (the embedded task only): it gives the random
+    model a nonzero pass rate, which NFT needs (all-wrong groups carry no signal)."""
+
+    steps: int = 0
+    lr: float = 1e-3
+    batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/nft"
+    seed: int = 1234
+    steps: int = 100
+    save_every: int = 0  # 0: a checkpoint at the end only
+    resume: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- YAML recipe <- `section.key=value` overrides, then validation."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(TrainConfig)
+    layers = []
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path}: no such file")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError and friends, with their own line/column
+            raise ConfigError(f"recipe {path}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(loaded, type(OmegaConf.create({}))):
+            raise ConfigError(f"recipe {path}: expected a mapping of sections (model:, algo:, ...)")
+        layers.append((f"recipe {path}", loaded))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. algo.eps=0.5")
+        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+    for origin, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{origin}: {_explain(e)}") from None
+    cfg: TrainConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _explain(e) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).split("\n")[0]
+    if type(e).__name__ == "ConfigKeyError":
+        section = key.rsplit(".", 1)[0] if "." in key else None
+        allowed = _field_names(section)
+        return f"unknown key '{key}'" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+    return f"{key}: {msg}"
+
+
+def _field_names(section: str | None) -> list[str]:
+    obj: Any = TrainConfig()
+    for part in section.split(".") if section else []:
+        obj = getattr(obj, part, None)
+    return [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+
+
+def _check_choices(obj, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}{f.name}={value!r}: allowed values are {', '.join(f.metadata['choices'])}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    _check_choices(cfg, "")
+    r, a, p, o = cfg.rollout, cfg.algo, cfg.parallel, cfg.optim
+    _require(p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1")
+    _require(p.micro_batch_size >= 1, "parallel.micro_batch_size must be >= 1")
+    _require(r.samples_per_prompt >= 2, f"rollout.samples_per_prompt={r.samples_per_prompt}: group statistics need at least 2 answers per prompt")
+    _require(r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
+    _require(r.gen_prompts >= r.prompts_per_step, f"rollout.gen_prompts={r.gen_prompts} must be >= rollout.prompts_per_step={r.prompts_per_step}")
+    _require(r.max_num_gen_batches >= 1, "rollout.max_num_gen_batches must be >= 1")
+    _require(r.temperature > 0, f"rollout.temperature={r.temperature}: must be > 0")
+    _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p}: must be in (0, 1]")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    _require(a.num_minibatches >= 1, "algo.num_minibatches must be >= 1")
+    _require(r.prompts_per_step % a.num_minibatches == 0, f"algo.num_minibatches={a.num_minibatches} must divide rollout.prompts_per_step={r.prompts_per_step}")
+    _require(a.eps > 0, f"algo.eps={a.eps}: must be > 0")
+    _require(0 <= a.clip_low < 1 and a.clip_high >= 0, "algo.clip_low must be in [0, 1) and algo.clip_high >= 0")
+    _require(a.agg_norm > 0, "algo.agg_norm must be > 0")
+    _require(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    _require(cfg.run.steps >= 0, "run.steps must be >= 0")
+    _require(cfg.eval.samples >= 1, "eval.samples must be >= 1")
+    _require(not (cfg.run.resume and cfg.run.overwrite), "run.resume and run.overwrite exclude each other")
+    if cfg.data.task == "jsonl":
+        _require(cfg.data.train_path is not None, "data.task=jsonl needs data.train_path")
+        _require(cfg.model.hf_path is not None, "data.task=jsonl needs model.hf_path (a checkpoint with its tokenizer)")
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

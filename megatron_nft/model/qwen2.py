@@ -1,0 +1,173 @@
+"""Qwen2 / Qwen2.5 as a megatron-core GPTModel: HF config -> TransformerConfig, layer spec, model.
+
+Only what Megatron supports faithfully is accepted; anything else (rope scaling, sliding window, a
+non-SiLU activation) is refused with the field named, because a silently different model wastes a run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron_nft.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("qwen2",)
+
+
+@dataclass(frozen=True)
+class Qwen2Shape:
+    """The architecture fields of an HF Qwen2 config that the Megatron model and the mapping need."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    initializer_range: float = 0.02
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Rows of the (vocab-parallel) embedding: the vocabulary rounded up to a multiple of TP.
+
+        Padded rows are zero on import, stripped on export, and masked out of every log-softmax."""
+        return int(math.ceil(self.vocab_size / tp) * tp)
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        if self.num_kv_heads % tp:
+            raise ConfigError(
+                f"parallel.tp={tp} does not divide the model's {self.num_kv_heads} key/value heads"
+            )
+        if self.num_heads % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide the model's {self.num_heads} attention heads")
+        if self.intermediate_size % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide intermediate_size={self.intermediate_size}")
+        if self.num_layers % pp:
+            raise ConfigError(f"parallel.pp={pp} does not divide the model's {self.num_layers} layers")
+
+
+def _get(cfg, name, default=None):
+    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
+
+
+def shape_from_hf(cfg) -> Qwen2Shape:
+    """Reads an HF Qwen2 config (a transformers PretrainedConfig or its dict) and refuses what Megatron
+    would not reproduce exactly."""
+    model_type = _get(cfg, "model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"HF config model_type={model_type!r}: supported are {list(SUPPORTED_MODEL_TYPES)}")
+    if _get(cfg, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"HF config hidden_act={_get(cfg, 'hidden_act')!r}: only 'silu' (SwiGLU) is supported")
+    if _get(cfg, "use_sliding_window", False):
+        raise ConfigError("HF config use_sliding_window=true: sliding-window attention is not supported")
+    rope = _get(cfg, "rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = _get(cfg, "rope_scaling")
+    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
+        raise ConfigError(f"HF config rope scaling {scaling or rope!r}: only the default RoPE is supported")
+    rope_theta = rope.get("rope_theta", _get(cfg, "rope_theta", 10000.0))
+    hidden, heads = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
+    kv_heads = _get(cfg, "num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ConfigError(f"HF config num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    return Qwen2Shape(
+        vocab_size=_get(cfg, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_get(cfg, "intermediate_size"),
+        num_layers=_get(cfg, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=_get(cfg, "head_dim") or hidden // heads,
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
+        max_position_embeddings=_get(cfg, "max_position_embeddings"),
+        tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+        initializer_range=float(_get(cfg, "initializer_range", 0.02)),
+    )
+
+
+def te_available() -> bool:
+    """Transformer Engine layers are used only with CUDA and an importable TE (the NGC container)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(shape: Qwen2Shape, *, dtype: torch.dtype, tp: int, pp: int, cp: int = 1):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        num_query_groups=shape.num_kv_heads,
+        kv_channels=shape.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=shape.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=shape.initializer_range,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # On CPU: build full weights and split them (the CUDA init path needs a GPU), and turn off
+        # every fusion that needs apex/TE/CUDA kernels. On GPU, megatron-core's defaults stand.
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def layer_spec(use_te: bool):
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_gpt_model(shape: Qwen2Shape, config, *, tp: int, use_te: bool, pre_process: bool, post_process: bool):
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=shape.padded_vocab_size(tp),
+        max_sequence_length=shape.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=shape.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(shape.rope_theta) if float(shape.rope_theta).is_integer() else shape.rope_theta,
+    )

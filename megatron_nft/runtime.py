@@ -1,0 +1,264 @@
+"""Process groups, Megatron parallel state, seeds, and the CPU compatibility layer for megatron-core.
+
+On a machine with CUDA nothing here patches anything: process groups use NCCL and megatron-core runs
+as its authors intended. Without CUDA (CI, laptops, the embedded demo) megatron-core still works over
+gloo once a handful of hard-coded CUDA calls are redirected to the CPU. Those redirects live only in
+`megatron_device_compat()`, a context manager the actor enters around each call into megatron-core, so
+that code outside it (the local rollout engine, transformers, the tests' references) never sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+CUDA = torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU compatibility layer
+# --------------------------------------------------------------------------------------------------
+
+
+def _names_cuda(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    # A bare int is a CUDA ordinal (torch.cuda.current_device() returns one).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placements to CPU inside megatron-core, which hard-codes them.
+
+    Call sites in megatron-core 0.19.2 that need it:
+      - optimizer/optimizer.py MixedPrecisionOptimizer.__init__:
+        `torch.tensor([0], dtype=torch.int, device='cuda')` (_dummy_overflow_buf), and the found-inf
+        buffers created with `device=torch.cuda.current_device()`;
+      - pipeline_parallel/schedules.py: `torch.zeros(..., device="cuda")` for the token counters, and
+        p2p_communication.py's receive buffers (`device=torch.cuda.current_device()`);
+      - distributed/param_and_grad_buffer.py and distrib_optimizer.py: buffers allocated on
+        `torch.cuda.current_device()`;
+      - optimizer/distrib_optimizer.py `_build_model_and_main_param_groups` and optimizer.py
+        `Float16OptimizerWithFloat16Params`: `param.type() == 'torch.cuda.FloatTensor'` (and the Half/
+        BFloat16 variants) decide how a parameter is wrapped; a CPU tensor must answer with the CUDA
+        name of the same dtype; clip_grads.py asserts the same on gradients.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _names_cuda(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and args and len(args) > 1 and _names_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.current_stream()/Stream on CPU: every operation is already ordered."""
+
+    def wait_stream(self, *_):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *_):
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+
+_CUDA_FUNCTION_REDIRECTS = {
+    # model construction (tensor_parallel/layers.py, embeddings, param buffers):
+    # `device=torch.cuda.current_device()` everywhere a parameter or buffer is allocated.
+    "current_device": lambda: "cpu",
+    # distributed/param_and_grad_buffer.py and the schedules synchronise before timing/collectives.
+    "synchronize": lambda *a, **k: None,
+    # pipeline_parallel/p2p_communication.py and distributed/distributed_data_parallel.py
+    # fetch the current stream to order communication.
+    "current_stream": lambda *a, **k: _NullStream(),
+    "stream": lambda *a, **k: _NullStream(),
+}
+
+_compat_depth = 0
+_saved_cuda_functions: dict[str, object] = {}
+_mode: _CudaToCpuMode | None = None
+
+
+@contextlib.contextmanager
+def megatron_device_compat():
+    """Enter around calls into megatron-core. A no-op when CUDA is present; re-entrant."""
+    global _compat_depth, _mode
+    if CUDA:
+        yield
+        return
+    if _compat_depth == 0:
+        for name, replacement in _CUDA_FUNCTION_REDIRECTS.items():
+            _saved_cuda_functions[name] = getattr(torch.cuda, name)
+            setattr(torch.cuda, name, replacement)
+        _install_cpu_rng_tracker()
+        _mode = _CudaToCpuMode()
+        _mode.__enter__()
+    _compat_depth += 1
+    try:
+        yield
+    finally:
+        _compat_depth -= 1
+        if _compat_depth == 0:
+            _mode.__exit__(None, None, None)
+            _mode = None
+            for name, original in _saved_cuda_functions.items():
+                setattr(torch.cuda, name, original)
+            _saved_cuda_functions.clear()
+
+
+def _install_cpu_rng_tracker() -> None:
+    """megatron-core keeps named CUDA RNG states (tensor_parallel/random.py CudaRNGStatesTracker) and
+    forks them around weight init and dropout in tensor-parallel regions; its `add` and `fork` call
+    torch.cuda.get_rng_state/set_rng_state. On CPU the same bookkeeping runs on the CPU generator."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if not getattr(mrandom._CUDA_RNG_STATE_TRACKER, "runs_on_cpu", False):
+        mrandom._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
+        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+@functools.cache
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        runs_on_cpu = True
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise RuntimeError(f"RNG seed {seed} already exists")
+            if name in self.states_:
+                raise RuntimeError(f"RNG state {name} already exists")
+            self.seeds_.add(seed)
+            generator = torch.Generator()
+            generator.manual_seed(seed)
+            self.states_[name] = generator.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise RuntimeError(f"RNG state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    return CpuRNGStatesTracker
+
+
+# --------------------------------------------------------------------------------------------------
+# Process groups and parallel state
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp}"
+            )
+        return world_size // model_parallel
+
+
+def init_process_group(timeout_minutes: int = 30) -> None:
+    """Joins (or creates) the default process group: NCCL with CUDA, gloo without.
+
+    Reads torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; a plain `python` process becomes a
+    world of one on a free local port."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if CUDA:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(
+        backend="nccl" if CUDA else "gloo",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
+def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
+    """(Re)initialises Megatron's parallel state for `layout` and seeds every generator.
+
+    Can be called again with another layout in the same processes (the distributed tests do)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    init_process_group()
+    layout.data_parallel_size(dist.get_world_size())  # validates divisibility with a clear message
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    with megatron_device_compat():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            context_parallel_size=layout.cp,
+        )
+        seed_everything(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_main_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,73 @@
+"""Run a function on N gloo ranks in subprocesses (for tests and benchmarks on machines without GPUs).
+
+Each rank is a fresh spawned Python process (imports cost seconds: give one spawn many checks rather
+than spawning per check). `fn(rank, world_size, *args)` must be importable by module path; its return
+value (picklable) comes back in rank order; an exception on any rank is re-raised here with the rank's
+traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import traceback
+
+import torch.multiprocessing as mp
+
+from megatron_nft.runtime import free_port
+
+
+def _entry(rank, world_size, port, fn, args, results):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        # Two cores shared by all ranks: oversubscribing threads makes gloo ranks crawl.
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        results.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - report anything, including SystemExit, to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        from megatron_nft import runtime
+
+        runtime.destroy()
+
+
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 900.0) -> list:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(rank, world_size, port, fn, args, results), daemon=False)
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs: dict[int, object] = {}
+    failures: list[str] = []
+    try:
+        for _ in range(world_size):
+            try:
+                rank, ok, value = results.get(timeout=timeout_s)
+            except queue.Empty:
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks: no result within {timeout_s}s")
+            if ok:
+                outputs[rank] = value
+            else:
+                failures.append(f"rank {rank}:\n{value}")
+                break  # the other ranks are likely stuck in a collective
+    finally:
+        for p in procs:
+            p.join(timeout=30 if not failures else 1)
+            if p.is_alive():
+                p.kill()
+    if failures:
+        raise RuntimeError(f"{fn.__name__} failed on {world_size} ranks\n" + "\n".join(failures))
+    return [outputs[r] for r in range(world_size)]
