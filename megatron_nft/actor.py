@@ -209,7 +209,8 @@ class Actor:
             mine.extend(zip(hf_names, mapping.hf_from_shards(self.shape, rule, [s.detach() for s in shards])))
         if self.pp == 1:
             if dist.get_rank() == 0:
-                yield from ((n, t.detach().cpu()) for n, t in mine)
+                # clone: with TP=1 a "shard" is the live parameter, which training keeps changing
+                yield from ((n, t.detach().to("cpu", copy=True)) for n, t in mine)
             return
         # Pipeline stages: each stage's data-parallel rank 0 / TP rank 0 holds its full tensors.
         pp_group = ps.get_pipeline_model_parallel_group()
@@ -227,7 +228,7 @@ class Actor:
                 t = lookup[n].contiguous() if stage == self.pp_rank else torch.empty(meta[0][0], dtype=meta[0][1], device=self.device)
                 dist.broadcast(t, src=src, group=pp_group)
                 if dist.get_rank() == 0:
-                    yield n, t.cpu()
+                    yield n, t.detach().to("cpu", copy=True)
 
     # ------------------------------------------------------------------------------------------------
     # forward / backward
@@ -310,14 +311,14 @@ class Actor:
         dist.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
         return tensor
 
-    def _gather_dp(self, local: torch.Tensor) -> torch.Tensor:
+    def _gather_dp(self, local: torch.Tensor, dim: int) -> torch.Tensor:
         from megatron.core import parallel_state as ps
 
         if self.dp == 1:
             return local
         parts = [torch.empty_like(local) for _ in range(self.dp)]
         dist.all_gather(parts, local.contiguous(), group=ps.get_data_parallel_group())
-        return torch.cat(parts)
+        return torch.cat(parts, dim=dim)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,7 +336,7 @@ class Actor:
         outputs = self._run(micro, loss_func_for, forward_only=True)
         local = torch.cat([o["logprobs_entropy"] for o in outputs], dim=1) if self.last_stage else None
         local = self._broadcast_from_last_stage(local, (2, total // self.dp, seq_len), torch.float32)
-        full = self._gather_dp(local)[:, :rows].cpu()
+        full = self._gather_dp(local, dim=1)[:, :rows].cpu()
         full[:, :, -1] = 0.0
         return full[0], full[1]
 
@@ -375,11 +376,12 @@ class Actor:
                 sums = {
                     "loss": loss.detach().clone(),
                     "entropy_sum": (entropy.detach() * mask).sum(),
-                    "tokens": mask.sum(),
+                    "tokens": stats["num_tokens"],
+                    "ratio_sum": stats["ratio_mean"] * stats["num_tokens"],
+                    "neg_tokens": stats["neg_tokens"],
+                    "neg_floor_tokens": stats["neg_floor_tokens"],
+                    "clip_tokens": stats["clip_tokens"],
                 }
-                for key in ("ratio_mean", "neg_floor_frac", "clip_frac"):
-                    if key in stats:
-                        sums[f"{key}_sum"] = stats[key].detach() * mask.sum()
                 return loss * undo, sums
 
             return loss_func
@@ -391,13 +393,12 @@ class Actor:
             update_ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.steps += 1
-        keys = ["loss", "entropy_sum", "tokens", "ratio_mean_sum", "neg_floor_frac_sum", "clip_frac_sum"]
+        keys = ["loss", "entropy_sum", "tokens", "ratio_sum", "neg_tokens", "neg_floor_tokens", "clip_tokens"]
         local = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
         if self.last_stage:
             for o in outputs:
                 for i, k in enumerate(keys):
-                    if k in o:
-                        local[i] += o[k].double()
+                    local[i] += o[k].double()
         local = self._broadcast_from_last_stage(local, (len(keys),), torch.float64)
         if self.dp > 1:
             from megatron.core import parallel_state as ps
@@ -408,9 +409,9 @@ class Actor:
         return {
             "loss": totals["loss"],
             "entropy": totals["entropy_sum"] / tokens,
-            "ratio_mean": totals["ratio_mean_sum"] / tokens,
-            "neg_floor_frac": totals["neg_floor_frac_sum"] / tokens,
-            "clip_frac": totals["clip_frac_sum"] / tokens,
+            "ratio_mean": totals["ratio_sum"] / tokens,
+            "neg_floor_frac": totals["neg_floor_tokens"] / max(totals["neg_tokens"], 1.0),
+            "clip_frac": totals["clip_tokens"] / tokens,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "update_ok": bool(update_ok),
             "lr": self.optimizer.param_groups[0]["lr"],

@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_nft.algorithms import AGGREGATIONS, ALGORITHMS, PROMPT_WEIGHTS
 from megatron_nft.errors import ConfigError
 
-ALGORITHMS = ("nft", "rft", "grpo", "dr_grpo", "dapo")
-PROMPT_WEIGHTS = ("uniform", "one_minus_r", "grpo")
-AGGREGATIONS = ("token_sum_norm", "token_mean")
 TEMPLATES = ("dapo", "boxed", "raw")
 ANSWER_FORMATS = ("auto", "dapo", "boxed")
 DTYPES = ("fp32", "bf16", "fp16")

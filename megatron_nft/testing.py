@@ -8,10 +8,12 @@ traceback.
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 from megatron_nft.runtime import free_port
@@ -31,7 +33,11 @@ def _entry(rank, world_size, port, fn, args, results):
 
     torch.set_num_threads(1)
     try:
-        results.put((rank, True, fn(rank, world_size, *args)))
+        # Serialised by value: torch's queue pickler would pass tensors as shared-memory handles that
+        # die with this process.
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - report anything, including SystemExit, to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -59,7 +65,7 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 900.0) -> lis
             except queue.Empty:
                 raise TimeoutError(f"{fn.__name__} on {world_size} ranks: no result within {timeout_s}s")
             if ok:
-                outputs[rank] = value
+                outputs[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 failures.append(f"rank {rank}:\n{value}")
                 break  # the other ranks are likely stuck in a collective

@@ -1,0 +1,199 @@
+"""The per-token policy losses: NFT (the paper's eq. 10) and its baselines RFT, GRPO, Dr.GRPO, DAPO.
+
+Everything works on ``[B, T]`` per-token log-probs of the sampled tokens (``T`` = response positions,
+``mask`` selects the ones that count) and ``[B]`` per-response reward ``r`` and group correct rate ``r̂``.
+Pure torch, no Megatron: the actor calls :func:`policy_loss` on each micro-batch.
+
+Aggregation and micro-batching: ``agg="token_sum_norm"`` is ``Σ mask·ℓ / agg_norm``, a plain sum over
+rows divided by a constant, so it is additive over any split of the rows (micro-batches, data-parallel
+ranks). ``agg="token_mean"`` over a whole minibatch equals ``token_sum_norm`` with ``agg_norm`` = the
+minibatch's token count, which is how the actor computes it across micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from megatron_nft.algorithms.groups import PROMPT_WEIGHTS, check_choice, prompt_weights
+
+ALGORITHMS = ("nft", "rft", "grpo", "dr_grpo", "dapo")
+GRPO_FAMILY = ("grpo", "dr_grpo", "dapo")
+AGGREGATIONS = ("token_sum_norm", "token_mean")
+ADV_EPS = 1e-6  # added to the group std in GRPO/DAPO's advantage
+
+# The stats policy_loss returns (0-dim detached float tensors). How to combine them over micro-batches
+# and ranks: SUM keys add up; MEAN keys are means over the named count key (combine as
+# Σ mean·count / Σ count); MIN / MAX keys reduce with min / max (an empty mask gives +inf / -inf, the
+# identities of those reductions).
+STATS_SUM = ("loss", "num_tokens", "pos_tokens", "neg_tokens", "neg_floor_tokens", "clip_tokens")
+STATS_MEAN = {
+    "ratio_mean": "num_tokens",
+    "adv_mean": "num_tokens",
+    "clip_frac": "num_tokens",
+    "neg_floor_frac": "neg_tokens",
+}
+STATS_MIN = ("ratio_min",)
+STATS_MAX = ("ratio_max",)
+STATS_KEYS = STATS_SUM + tuple(STATS_MEAN) + STATS_MIN + STATS_MAX
+
+
+def advantages(algorithm: str, rewards: Tensor, correct_rate: Tensor) -> Tensor:
+    """The group-relative advantage of the GRPO family, per response (same shape as ``rewards``).
+
+    grpo / dapo: A = (r - r̂) / (σ + 1e-6) with σ = sqrt(r̂(1 - r̂)), the population std of binary rewards
+    in the group; dr_grpo: A = r - r̂. Groups with r̂ in {0, 1} get A = 0.
+    """
+    check_choice("algorithm", algorithm, GRPO_FAMILY)
+    r, rhat = rewards.detach(), correct_rate.detach()
+    if algorithm == "dr_grpo":
+        return r - rhat
+    sigma = (rhat * (1.0 - rhat)).clamp_min(0.0).sqrt()
+    return (r - rhat) / (sigma + ADV_EPS)
+
+
+def _check_number(name: str, value: float, *, low: float, low_inclusive: bool, high: float = math.inf) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if low_inclusive else value > low) and value < high
+    if not ok:
+        lo = f"[{low}" if low_inclusive else f"({low}"
+        raise ValueError(f"{name} must be a finite number in {lo}, {high}); got {value!r}")
+
+
+def policy_loss(
+    algorithm: str,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    rewards: Tensor,
+    correct_rate: Tensor,
+    mask: Tensor,
+    *,
+    prompt_weight: str = "one_minus_r",
+    neg_clip: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    agg: str = "token_sum_norm",
+    agg_norm: float = 1000.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The policy loss of one (micro-)batch and its stats.
+
+    Args:
+        algorithm: "nft" | "rft" | "grpo" | "dr_grpo" | "dapo".
+        logprobs: [B, T] log π_θ of the sampled tokens (the gradient flows from here).
+        old_logprobs: [B, T] log π_old of the same tokens (detached).
+        rewards: [B] reward r of each response (the verifier's {0, 1}).
+        correct_rate: [B] mean reward r̂ of each response's group.
+        mask: [B, T] bool or float; the tokens that count (a float mask weights ℓ; positions with
+            mask <= 0 are ignored entirely, whatever their log-probs, inf/NaN included).
+        prompt_weight: NFT's ω(q): "uniform" | "one_minus_r" | "grpo" (see groups.prompt_weights);
+            ignored by the other algorithms.
+        neg_clip: NFT's ε > 0 in max_v((1 - r̂R)/(1 - r̂), ε).
+        clip_low / clip_high: PPO ratio clip; grpo and dr_grpo clip to [1-clip_low, 1+clip_low], dapo to
+            [1-clip_low, 1+clip_high].
+        agg: "token_sum_norm" (Σ mask·ℓ / agg_norm) | "token_mean" (Σ mask·ℓ / max(Σ mask, 1)).
+        agg_norm: the constant divisor of token_sum_norm (> 0).
+
+    Per-token losses, with R = exp(logprobs - old_logprobs):
+        nft:  ℓ = ω(r̂)·[-r·log R - (1-r)·log max_v((1 - r̂R)/(1 - r̂), ε)],
+              max_v(x, ε) = x + stopgrad(max(x, ε) - x): value max(x, ε), gradient ∇x / max(x, ε).
+        rft:  ℓ = -r·log R.
+        grpo / dr_grpo / dapo: ℓ = -min(R·A, clip(R)·A) with A from :func:`advantages`.
+
+    Returns ``(loss, stats)``; stats are 0-dim detached float tensors (see STATS_* for how to reduce):
+        loss            the returned loss (sum-like: additive over row splits with token_sum_norm)
+        num_tokens      tokens with mask > 0                                           (sum)
+        pos_tokens      of those, tokens of responses with r > 0.5                     (sum)
+        neg_tokens      of those, tokens of responses with r <= 0.5                    (sum)
+        ratio_mean      mean R over num_tokens                                         (mean)
+        ratio_min/max   min / max R over num_tokens (+inf / -inf when there are none)  (min / max)
+        neg_floor_tokens nft: negative tokens whose (1 - r̂R)/(1 - r̂) < ε; else 0        (sum)
+        neg_floor_frac  neg_floor_tokens / neg_tokens                                  (mean over neg_tokens)
+        clip_tokens     grpo family: tokens where the clip is active in the min; else 0 (sum)
+        clip_frac       clip_tokens / num_tokens                                       (mean over num_tokens)
+        adv_mean        grpo family: mean advantage over num_tokens; else 0            (mean over num_tokens)
+    """
+    check_choice("algorithm", algorithm, ALGORITHMS)
+    check_choice("prompt_weight", prompt_weight, PROMPT_WEIGHTS)
+    check_choice("agg", agg, AGGREGATIONS)
+    _check_number("neg_clip", neg_clip, low=0.0, low_inclusive=False)
+    _check_number("clip_low", clip_low, low=0.0, low_inclusive=True, high=1.0)
+    _check_number("clip_high", clip_high, low=0.0, low_inclusive=True)
+    _check_number("agg_norm", agg_norm, low=0.0, low_inclusive=False)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, T]; got shape {tuple(logprobs.shape)}")
+    for name, t in (("old_logprobs", old_logprobs), ("mask", mask)):
+        if t.shape != logprobs.shape:
+            raise ValueError(f"{name} must have the shape of logprobs {tuple(logprobs.shape)}; got {tuple(t.shape)}")
+    for name, t in (("rewards", rewards), ("correct_rate", correct_rate)):
+        if t.shape != logprobs.shape[:1]:
+            raise ValueError(f"{name} must be [B] with B={logprobs.shape[0]}; got shape {tuple(t.shape)}")
+
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)  # bf16/fp16 log-probs are computed in fp32
+    valid = mask if mask.dtype == torch.bool else mask > 0
+    weight = torch.where(valid, mask.to(dtype), 0.0)
+    r = rewards.detach().to(dtype)[:, None]
+    rhat = correct_rate.detach().to(dtype)[:, None]
+    # Masked positions get log R = 0 (R = 1): padding log-probs can be anything, and 0·inf would be NaN.
+    log_ratio = torch.where(valid, logprobs.to(dtype) - old_logprobs.detach().to(dtype), 0.0)
+    ratio = torch.exp(log_ratio)
+    pos = valid & (r > 0.5)
+    neg = valid & ~(r > 0.5)
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+    neg_floor_tokens = clip_tokens = adv_sum = zero
+
+    if algorithm == "nft":
+        omega = prompt_weights(correct_rate, prompt_weight).to(dtype)[:, None]
+        # A response with r̂ = 1 is positive (its (1-r) factor is 0); dividing by 1 there keeps it finite.
+        one_minus = torch.where(rhat < 1, 1.0 - rhat, 1.0)
+        # y = x - 1 = -r̂(R - 1)/(1 - r̂), via expm1 so that x is exactly 1 at R = 1 (the first minibatch's
+        # loss is then exactly 0) and log1p keeps precision near R = 1.
+        y = -(rhat / one_minus) * torch.expm1(log_ratio)
+        floor = neg_clip - 1.0
+        y_detached = y.detach()
+        # max_v: value max(y, ε-1), gradient that of y (straight-through: scaled by 1/max(x, ε), never zeroed).
+        y_v = y_detached.clamp_min(floor) + (y - y_detached)
+        per_token = -omega * (r * log_ratio + (1.0 - r) * torch.log1p(y_v))
+        neg_floor_tokens = (neg & (y_detached < floor)).sum().to(dtype)
+    elif algorithm == "rft":
+        per_token = -r * log_ratio
+    else:
+        adv = advantages(algorithm, rewards.to(dtype), correct_rate.to(dtype))[:, None]
+        high = clip_high if algorithm == "dapo" else clip_low
+        # -min(R·A, clip(R)·A): the clipped term is the smaller one exactly when A > 0 and R > 1+high, or
+        # A < 0 and R < 1-low; there its gradient is 0.
+        active = ((adv > 0) & (ratio > 1.0 + high)) | ((adv < 0) & (ratio < 1.0 - clip_low))
+        clipped = ratio.clamp(1.0 - clip_low, 1.0 + high)
+        per_token = -adv * torch.where(active, clipped, ratio)
+        clip_tokens = (valid & active).sum().to(dtype)
+        adv_sum = (adv * valid).sum()
+
+    total = (weight * per_token).sum()
+    norm = agg_norm if agg == "token_sum_norm" else weight.sum().detach().clamp_min(1.0)
+    loss = total / norm
+
+    with torch.no_grad():
+        num = valid.sum().to(dtype)
+        num_neg = neg.sum().to(dtype)
+        ratio_d = ratio.detach()
+        if ratio_d.numel():
+            ratio_min = ratio_d.masked_fill(~valid, math.inf).amin()
+            ratio_max = ratio_d.masked_fill(~valid, -math.inf).amax()
+        else:
+            ratio_min, ratio_max = zero + math.inf, zero - math.inf
+        stats = {
+            "loss": loss.detach().clone(),
+            "num_tokens": num,
+            "pos_tokens": pos.sum().to(dtype),
+            "neg_tokens": num_neg,
+            "ratio_mean": (ratio_d * valid).sum() / num.clamp_min(1.0),
+            "ratio_min": ratio_min,
+            "ratio_max": ratio_max,
+            "neg_floor_tokens": neg_floor_tokens,
+            "neg_floor_frac": neg_floor_tokens / num_neg.clamp_min(1.0),
+            "clip_tokens": clip_tokens,
+            "clip_frac": clip_tokens / num.clamp_min(1.0),
+            "adv_mean": adv_sum / num.clamp_min(1.0),
+        }
+    return loss, stats
