@@ -435,6 +435,8 @@ class Actor:
         """All ranks call this; `directory` must exist and be empty."""
         from megatron.core import dist_checkpointing
 
+        if with_optimizer:
+            self._materialize_optimizer_state()  # a run saved before its first update
         with runtime.megatron_device_compat():
             dist_checkpointing.save(self._sharded_state_dict(is_loading=False, with_optimizer=with_optimizer), str(directory))
         if runtime.is_main_rank():
@@ -445,8 +447,8 @@ class Actor:
     def _materialize_optimizer_state(self) -> None:
         """A fresh torch Adam has no per-parameter state until its first step, and the distributed
         optimizer's state_dict() (distrib_optimizer.py, the path without apex/TE) reads each state's
-        'step' while building the sharded dict to load into. Give every parameter the state a step
-        would create (zeros, step 0); the load then overwrites all of it."""
+        'step' to save or to build the sharded dict to load into. Give every parameter the state
+        Adam's first step would create (zero moments, step 0): numerically the same optimizer."""
         for torch_opt in self._torch_optimizers():
             for group in torch_opt.param_groups:
                 for p in group["params"]:

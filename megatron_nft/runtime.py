@@ -15,6 +15,7 @@ import functools
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,9 +247,8 @@ def seed_everything(seed: int) -> None:
 
 
 def destroy() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    parallel_state = sys.modules.get("megatron.core.parallel_state")  # only if the run got that far
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

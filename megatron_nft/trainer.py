@@ -1,0 +1,384 @@
+"""The training loop, one step at a time:
+
+    sample prompts -> generate K answers each -> verify -> keep mixed groups (dynamic sampling)
+    -> old log-probs from the actor -> num_minibatches optimizer steps -> weight sync -> metrics
+
+Rank 0 owns the rollout engine and the grading pool; every rank runs the actor. The batch is built on
+rank 0 and broadcast, so all ranks feed Megatron the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_nft.actor import Actor
+from megatron_nft.algorithms import dynamic_sampling_keep, group_correct_rate
+from megatron_nft.config import TrainConfig
+from megatron_nft.data.batching import pack_rows, select_rows
+from megatron_nft.runtime import is_main_rank
+from megatron_nft.rollout import Completion, RolloutEngine, SamplingParams
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    answer: str
+
+
+@dataclass
+class StepRollout:
+    """The kept groups of one step, and what happened while collecting them."""
+
+    prompts: list[Prompt] = field(default_factory=list)
+    completions: list[Completion] = field(default_factory=list)  # K per prompt, grouped
+    rewards: list[float] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class Scorer:
+    """Decodes completions and grades them; truncated answers score 0 (DESIGN.md)."""
+
+    def __init__(self, tokenizer, grader):
+        self.tokenizer, self.grader = tokenizer, grader
+
+    def __call__(self, completions: list[Completion], golds: list[str]) -> list[float]:
+        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        scores = self.grader.score(texts, golds)
+        return [0.0 if c.finish_reason == "length" else float(s) for c, s in zip(completions, scores)]
+
+
+def collect_rollouts(
+    cfg: TrainConfig, engine: RolloutEngine, scorer: Scorer, next_prompts, sampling: SamplingParams
+) -> StepRollout:
+    """DAPO dynamic sampling: generate rounds of `gen_prompts` prompts until `prompts_per_step` mixed
+    groups are kept or `max_num_gen_batches` rounds are spent, then truncate to the train batch."""
+    r, k = cfg.rollout, cfg.rollout.samples_per_prompt
+    out = StepRollout()
+    generated = all_right = all_wrong = truncated = 0
+    reward_sum = length_sum = 0.0
+    rounds = 0
+    while len(out.prompts) < r.prompts_per_step and rounds < r.max_num_gen_batches:
+        rounds += 1
+        prompts: list[Prompt] = next_prompts(r.gen_prompts)
+        completions = engine.generate([p.ids for p in prompts], sampling)
+        golds = [p.answer for p in prompts for _ in range(k)]
+        rewards = scorer(completions, golds)
+        generated += len(completions)
+        reward_sum += sum(rewards)
+        length_sum += sum(len(c.token_ids) for c in completions)
+        truncated += sum(c.finish_reason == "length" for c in completions)
+        keep, right, wrong = dynamic_sampling_keep(torch.tensor(rewards), k)
+        all_right, all_wrong = all_right + right, all_wrong + wrong
+        for g, prompt in enumerate(prompts):
+            if cfg.algo.dynamic_sampling and not keep[g]:
+                continue
+            out.prompts.append(prompt)
+            out.completions.extend(completions[g * k : (g + 1) * k])
+            out.rewards.extend(rewards[g * k : (g + 1) * k])
+    n = min(len(out.prompts), r.prompts_per_step)
+    out.prompts, out.completions, out.rewards = out.prompts[:n], out.completions[: n * k], out.rewards[: n * k]
+    out.metrics = {
+        "rollout/reward": reward_sum / max(generated, 1),
+        "rollout/response_length": length_sum / max(generated, 1),
+        "rollout/truncated_frac": truncated / max(generated, 1),
+        "rollout/gen_rounds": rounds,
+        "rollout/groups_kept": n,
+        "rollout/groups_all_right": all_right,
+        "rollout/groups_all_wrong": all_wrong,
+    }
+    return out
+
+
+def rollout_batch(rollout: StepRollout, k: int) -> dict:
+    prompts = [p.ids for p in rollout.prompts for _ in range(k)]
+    rewards = torch.tensor(rollout.rewards)
+    return pack_rows(
+        prompts,
+        [c.token_ids for c in rollout.completions],
+        extra={
+            "rollout_logprobs": [c.logprobs for c in rollout.completions],
+            "rewards": rollout.rewards,
+            "correct_rate": group_correct_rate(rewards, k).tolist(),
+        },
+    )
+
+
+def evaluate(engine: RolloutEngine, scorer: Scorer, prompts: list[Prompt], samples: int, sampling: SamplingParams) -> float:
+    """avg@k accuracy: the mean score over `samples` answers per held-out prompt."""
+    params = SamplingParams(**{**sampling.__dict__, "n": samples})
+    completions = engine.generate([p.ids for p in prompts], params)
+    scores = scorer(completions, [p.answer for p in prompts for _ in range(samples)])
+    return sum(scores) / max(len(scores), 1)
+
+
+def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> dict:
+    """Old log-probs, then `num_minibatches` optimizer steps over whole groups."""
+    k = cfg.rollout.samples_per_prompt
+    batch = rollout_batch(rollout, k)
+    old_logprobs, _ = actor.compute_logprobs({"tokens": batch["tokens"]})
+    batch["old_logprobs"] = old_logprobs
+    mask = batch["loss_mask"].bool()
+    metrics = {
+        "actor/rollout_logprob_abs_diff": (old_logprobs - batch["rollout_logprobs"]).abs()[mask].mean().item(),
+    }
+    groups = len(rollout.prompts)
+    num_mb = min(cfg.algo.num_minibatches, groups)
+    per_mb = math.ceil(groups / num_mb)
+    step_metrics = []
+    for start in range(0, groups, per_mb):
+        rows = slice(start * k, min(groups, start + per_mb) * k)
+        step_metrics.append(actor.train_step(select_rows(batch, rows)))
+    for key in ("loss", "entropy", "grad_norm", "ratio_mean", "neg_floor_frac", "clip_frac", "lr"):
+        values = [m[key] for m in step_metrics]
+        metrics[f"actor/{key}"] = sum(values) / len(values)
+    metrics["actor/loss_first_minibatch"] = step_metrics[0]["loss"]
+    metrics["actor/minibatches"] = len(step_metrics)
+    metrics["actor/skipped_updates"] = sum(not m["update_ok"] for m in step_metrics)
+    return metrics
+
+
+def sync_weights(actor: Actor, engine: RolloutEngine | None, version: int) -> float:
+    """Actor -> rollout engine through the HF mapping; every rank takes part in the gather."""
+    start = time.perf_counter()
+    tensors = actor.hf_tensors()
+    if engine is not None:
+        engine.update_weights(tensors, version)
+    else:
+        for _ in tensors:  # non-zero ranks still take part in the collectives
+            pass
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run: set-up, loop, checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """A new run gets a new directory; an existing one is only continued (run.resume) or replaced
+    (run.overwrite) when asked."""
+    import shutil
+
+    from megatron_nft.errors import CheckpointError
+
+    run_dir = Path(cfg.run.dir)
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and not (cfg.run.resume or cfg.run.overwrite):
+        raise CheckpointError(
+            f"run directory {run_dir} already holds a run; pass run.resume=true to continue it "
+            f"or run.overwrite=true to replace it (or choose another run.dir)"
+        )
+    if cfg.run.resume and not exists:
+        raise CheckpointError(f"run.resume=true but {run_dir} holds no run to resume")
+    if exists and cfg.run.overwrite and is_main_rank():
+        shutil.rmtree(run_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def load_prompts(cfg: TrainConfig, tokenizer, context_len: int) -> tuple[list[Prompt], list[Prompt]]:
+    """Encodes train and held-out prompts; a prompt that leaves no room for `rollout.max_new_tokens`
+    in the model's context (or exceeds data.max_prompt_len) is an error naming the row."""
+    from megatron_nft.data.prompts import encode_prompts, load_prompt_rows
+
+    d = cfg.data
+    max_prompt_len = min(d.max_prompt_len, context_len - cfg.rollout.max_new_tokens)
+    if d.task == "arithmetic":
+        from megatron_nft.data.arithmetic import arithmetic_splits
+
+        train_rows, eval_rows = arithmetic_splits(d.n_train, d.n_eval, seed=cfg.run.seed, max_operand=d.max_operand)
+        answers = lambda rows: [r["answer"] for r in rows]  # noqa: E731
+    else:
+        train_rows = load_prompt_rows(d.train_path, prompt_field=d.prompt_field, answer_field=d.answer_field)
+        eval_rows = (
+            load_prompt_rows(d.eval_path, prompt_field=d.prompt_field, answer_field=d.answer_field) if d.eval_path else []
+        )
+        answers = lambda rows: [r.answer for r in rows]  # noqa: E731
+
+    def encode(rows):
+        if not rows:
+            return []
+        ids = encode_prompts(tokenizer, rows, template=d.template, chat=d.chat, max_prompt_len=max_prompt_len)
+        return [Prompt(i, a) for i, a in zip(ids, answers(rows))]
+
+    return encode(train_rows), encode(eval_rows)
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (the manifest is written last), oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / "manifest.json").is_file())
+
+
+def save_checkpoint(run_dir: Path, actor: Actor, step: int, trainer_state: dict) -> Path:
+    """Written to a temporary directory and renamed; the manifest goes last so that a half-written
+    checkpoint is never mistaken for a complete one."""
+    import json
+    import shutil
+
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if is_main_rank():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "actor").mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    actor.save_checkpoint(tmp / "actor")
+    if is_main_rank():
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+        (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": ["actor", "trainer_state.json"]}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.replace(final)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
+    """Runs (or resumes) a training run described by `cfg`; returns the final metrics."""
+    import json
+    import random
+
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from megatron_nft import runtime
+    from megatron_nft.actor import LossSettings, OptimSettings
+    from megatron_nft.config import to_yaml
+    from megatron_nft.data.prompts import PromptCursor
+    from megatron_nft.metrics import MetricsLogger, plot_run
+    from megatron_nft.model.hf_io import hf_tensor_reader, load_hf_config, save_hf_checkpoint
+    from megatron_nft.model.qwen2 import shape_from_hf
+    from megatron_nft.reward import GradingPool
+    from megatron_nft.rollout.local import LocalEngine
+
+    runtime.init_process_group()
+    run_dir = Path(cfg.run.dir)  # prepared by the caller (prepare_run_dir)
+    main = is_main_rank()
+    hf_config = load_hf_config(cfg.model.hf_path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    shape = shape_from_hf(hf_config)
+    train_prompts, eval_prompts = load_prompts(cfg, tokenizer, shape.max_position_embeddings)
+    if main:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    a, o = cfg.algo, cfg.optim
+    actor = Actor(
+        shape,
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        dtype=cfg.model.dtype,
+        micro_batch_size=cfg.parallel.micro_batch_size,
+        optim=OptimSettings(
+            lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=max(cfg.run.steps * a.num_minibatches, 1),
+            weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            grad_clip=o.grad_clip,
+        ),
+        loss=LossSettings(
+            algorithm=a.name, prompt_weight=a.prompt_weight, eps=a.eps, clip_low=a.clip_low,
+            clip_high=a.clip_high, agg=a.agg, agg_norm=a.agg_norm,
+        ),
+        temperature=cfg.rollout.temperature,
+        seed=cfg.run.seed,
+    )
+    cursor = PromptCursor(train_prompts, seed=cfg.run.seed)
+    start_step = 0
+    checkpoints = _checkpoint_dirs(run_dir)
+    if cfg.run.resume and checkpoints:
+        latest = checkpoints[-1]
+        actor.load_checkpoint(latest / "actor")
+        state = json.loads((latest / "trainer_state.json").read_text())
+        start_step = state["step"]
+        cursor.load_state_dict(state["cursor"])
+        random.seed(state["seed"])
+    else:
+        actor.load_hf(hf_tensor_reader(cfg.model.hf_path))
+
+    stop_ids = tuple(t for t in [tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)] if t is not None)
+    sampling = SamplingParams(
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+        stop_token_ids=tuple(sorted(set(stop_ids))), n=cfg.rollout.samples_per_prompt,
+    )
+    eval_sampling = SamplingParams(
+        temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+        stop_token_ids=sampling.stop_token_ids, n=cfg.eval.samples,
+    )
+    engine = LocalEngine(hf_config, seed=cfg.run.seed + start_step) if main else None
+    grader = GradingPool(answer_format=cfg.reward.answer_format, timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers) if main else None
+    scorer = Scorer(tokenizer, grader) if main else None
+    logger = MetricsLogger(run_dir, enabled=main, append=start_step > 0)
+    sync_weights(actor, engine, version=start_step)
+
+    def run_eval(step: int) -> float | None:
+        if not eval_prompts:
+            return None
+        acc = evaluate(engine, scorer, eval_prompts, cfg.eval.samples, eval_sampling) if main else None
+        return broadcast_object(acc)
+
+    final: dict = {}
+    try:
+        if start_step == 0:
+            acc = run_eval(0)
+            final["eval/accuracy_before"] = acc
+            logger.log(0, {"eval/accuracy": acc})
+        bar = tqdm(range(start_step, cfg.run.steps), desc="NFT" if a.name == "nft" else a.name.upper(), disable=quiet or not main, initial=start_step, total=cfg.run.steps)
+        for step in bar:
+            t0 = time.perf_counter()
+            rollout = collect_rollouts(cfg, engine, scorer, cursor.next_batch, sampling) if main else None
+            rollout = broadcast_object(rollout)
+            t_rollout = time.perf_counter() - t0
+            metrics = dict(rollout.metrics)
+            if rollout.prompts:
+                metrics.update(train_on_rollout(actor, cfg, rollout))
+            else:
+                metrics["actor/skipped_step_no_mixed_groups"] = 1
+            metrics["time/sync_s"] = sync_weights(actor, engine, version=step + 1)
+            metrics["time/rollout_s"] = t_rollout
+            metrics["time/step_s"] = time.perf_counter() - t0
+            last = step + 1 == cfg.run.steps
+            if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
+                metrics["eval/accuracy"] = run_eval(step + 1)
+            elif last:
+                metrics["eval/accuracy"] = run_eval(step + 1)
+            logger.log(step + 1, metrics)
+            bar.set_postfix(reward=f"{metrics['rollout/reward']:.2f}", acc=f"{metrics.get('eval/accuracy') or float('nan'):.2f}")
+            if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or last:
+                state = {"step": step + 1, "cursor": cursor.state_dict(), "seed": random.random()}
+                save_checkpoint(run_dir, actor, step + 1, state)
+            final = {**final, **metrics}
+        if cfg.run.steps == start_step and start_step == 0:
+            final["eval/accuracy"] = final.get("eval/accuracy_before")
+        # an HF export of the final policy, loadable by transformers and SGLang
+        tensors = actor.hf_tensors()
+        if main:
+            save_hf_checkpoint(run_dir / "hf", tensors, hf_config, tokenizer, overwrite=True)
+        else:
+            for _ in tensors:
+                pass
+        if main:
+            plot_run(logger.path, run_dir / "curves.png")
+    finally:
+        logger.close()
+        if grader is not None:
+            grader.close()
+    return final
