@@ -14,9 +14,9 @@ from typing import Any
 
 from megatron_nft.algorithms import AGGREGATIONS, ALGORITHMS, PROMPT_WEIGHTS
 from megatron_nft.errors import ConfigError
+from megatron_nft.reward import ANSWER_FORMATS
 
 TEMPLATES = ("dapo", "boxed", "raw")
-ANSWER_FORMATS = ("auto", "dapo", "boxed")
 DTYPES = ("fp32", "bf16", "fp16")
 ENGINES = ("local",)
 TASKS = ("arithmetic", "jsonl")

@@ -21,6 +21,7 @@ from megatron_nft.actor import Actor
 from megatron_nft.algorithms import dynamic_sampling_keep, group_correct_rate
 from megatron_nft.config import TrainConfig
 from megatron_nft.data.batching import pack_rows, select_rows
+from megatron_nft.reward import apply_truncation
 from megatron_nft.runtime import is_main_rank
 from megatron_nft.rollout import Completion, RolloutEngine, SamplingParams
 
@@ -57,8 +58,7 @@ class Scorer:
 
     def __call__(self, completions: list[Completion], golds: list[str]) -> list[float]:
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        scores = self.grader.score(texts, golds)
-        return [0.0 if c.finish_reason == "length" else float(s) for c, s in zip(completions, scores)]
+        return apply_truncation(self.grader.score(texts, golds), [c.finish_reason == "length" for c in completions])
 
 
 def collect_rollouts(

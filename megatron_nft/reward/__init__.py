@@ -1,0 +1,31 @@
+"""Rewards for verifiable math: final-answer extraction and grading in a process pool.
+
+    from megatron_nft.reward import score_batch, apply_truncation
+    scores = apply_truncation(score_batch(responses, golds), [f == "length" for f in finish_reasons])
+
+Importing this package is cheap (no torch, no sympy); math-verify loads in the grading workers.
+"""
+
+from megatron_nft.reward.extract import ANSWER_FORMATS, MAX_ANSWER_CHARS, extract_answer
+from megatron_nft.reward.grading import (
+    GradingPool,
+    apply_truncation,
+    get_grader,
+    grader_names,
+    math_verify_grader,
+    register_grader,
+    score_batch,
+)
+
+__all__ = [
+    "ANSWER_FORMATS",
+    "MAX_ANSWER_CHARS",
+    "GradingPool",
+    "apply_truncation",
+    "extract_answer",
+    "get_grader",
+    "grader_names",
+    "math_verify_grader",
+    "register_grader",
+    "score_batch",
+]
