@@ -26,7 +26,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="megatron-nft",
         description="Negative-aware Fine-Tuning (NFT) and its baselines on Megatron-core actors.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Overrides: section.key=value, e.g. algo.eps=0.5 rollout.samples_per_prompt=16 run.dir=runs/x",
+        epilog=(
+            "examples:\n"
+            "  megatron-nft demo                                   # tiny model, CPU, minutes\n"
+            "  megatron-nft demo run.overwrite=true algo.eps=0.5   # replace runs/demo, other NFT floor\n"
+            "  megatron-nft train --recipe my.yaml model.hf_path=/ckpt/Qwen2.5-Math-7B run.dir=runs/x\n"
+            "  megatron-nft config --recipe recipes/demo.yaml      # print the resolved config\n\n"
+            "Overrides are section.key=value; sections: model parallel optim algo rollout data reward eval\n"
+            "warmup run. Multi-GPU: torchrun --nproc-per-node N -m megatron_nft.cli train ..."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
