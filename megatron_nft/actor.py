@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,35 +25,12 @@ import torch.distributed as dist
 
 from megatron_nft import runtime
 from megatron_nft.algorithms import policy_loss
+from megatron_nft.config import AlgoConfig, OptimConfig
 from megatron_nft.model import mapping
 from megatron_nft.model.logprobs import mask_vocab_padding, vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_nft.model.qwen2 import Qwen2Shape, build_gpt_model, te_available, transformer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    algorithm: str = "nft"
-    prompt_weight: str = "one_minus_r"
-    eps: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    agg: str = "token_sum_norm"
-    agg_norm: float = 1000.0
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    lr: float = 1e-6
-    min_lr: float | None = None
-    warmup_steps: int = 10
-    total_steps: int = 1000
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
 
 
 class Actor:
@@ -66,8 +42,9 @@ class Actor:
         pp: int = 1,
         dtype: str = "fp32",
         micro_batch_size: int = 8,
-        optim: OptimSettings = OptimSettings(),
-        loss: LossSettings = LossSettings(),
+        optim: OptimConfig = OptimConfig(),
+        algo: AlgoConfig = AlgoConfig(),
+        total_steps: int = 1000,
         temperature: float = 1.0,
         seed: int = 1234,
     ):
@@ -77,7 +54,7 @@ class Actor:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         shape.check_parallel(tp, pp)
-        self.shape, self.loss, self.temperature = shape, loss, temperature
+        self.shape, self.algo, self.temperature = shape, algo, temperature
         self.micro_batch_size = micro_batch_size
         self.dtype = DTYPES[dtype]
         self.device = torch.device("cuda", torch.cuda.current_device()) if runtime.CUDA else torch.device("cpu")
@@ -130,7 +107,7 @@ class Actor:
             max_lr=optim.lr,
             min_lr=optim.lr if optim.min_lr is None else optim.min_lr,
             lr_warmup_steps=optim.warmup_steps,
-            lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1),
+            lr_decay_steps=max(total_steps, optim.warmup_steps + 1),
             lr_decay_style="constant" if optim.min_lr is None else "cosine",
             start_wd=optim.weight_decay,
             end_wd=optim.weight_decay,
@@ -346,7 +323,7 @@ class Actor:
         num_tokens = float(batch["loss_mask"].sum())
         # token_mean over the whole minibatch == token_sum_norm with the minibatch's token count, which
         # is additive over micro-batches and ranks; see algorithms.policy_loss.
-        norm = self.loss.agg_norm if self.loss.agg == "token_sum_norm" else max(num_tokens, 1.0)
+        norm = self.algo.agg_norm if self.algo.agg == "token_sum_norm" else max(num_tokens, 1.0)
         micro, _ = self._local_microbatches(
             {k: batch[k] for k in ("tokens", "loss_mask", "old_logprobs", "rewards", "correct_rate")}
         )
@@ -359,16 +336,16 @@ class Actor:
             def loss_func(output):
                 logprobs, entropy = output[0], output[1]
                 loss, stats = policy_loss(
-                    self.loss.algorithm,
+                    self.algo.name,
                     logprobs,
                     mb["old_logprobs"].float(),
                     mb["rewards"].float(),
                     mb["correct_rate"].float(),
                     mb["loss_mask"].float(),
-                    prompt_weight=self.loss.prompt_weight,
-                    neg_clip=self.loss.eps,
-                    clip_low=self.loss.clip_low,
-                    clip_high=self.loss.clip_high,
+                    prompt_weight=self.algo.prompt_weight,
+                    neg_clip=self.algo.eps,
+                    clip_low=self.algo.clip_low,
+                    clip_high=self.algo.clip_high,
                     agg="token_sum_norm",
                     agg_norm=norm,
                 )

@@ -25,7 +25,8 @@ def build_base_model(cfg: TrainConfig, out_dir: Path, *, quiet: bool = False) ->
     """Steps 1-4: writes an HF checkpoint (config, safetensors, tokenizer) to `out_dir`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from megatron_nft.actor import Actor, LossSettings, OptimSettings
+    from megatron_nft.actor import Actor
+    from megatron_nft.config import AlgoConfig, OptimConfig
     from megatron_nft.data.arithmetic import arithmetic_splits, reference_response
     from megatron_nft.data.batching import pack_rows
     from megatron_nft.data.prompts import encode_prompts
@@ -64,8 +65,9 @@ def build_base_model(cfg: TrainConfig, out_dir: Path, *, quiet: bool = False) ->
         tp=cfg.parallel.tp,
         pp=cfg.parallel.pp,
         micro_batch_size=cfg.parallel.micro_batch_size,
-        optim=OptimSettings(lr=w.lr, warmup_steps=min(10, w.steps), total_steps=max(w.steps, 1), weight_decay=0.0),
-        loss=LossSettings(algorithm="rft", agg="token_mean"),
+        optim=OptimConfig(lr=w.lr, warmup_steps=min(10, w.steps), weight_decay=0.0),
+        algo=AlgoConfig(name="rft", agg="token_mean"),
+        total_steps=max(w.steps, 1),
         seed=cfg.run.seed,
     )
     actor.load_hf(lambda name: initial[name])

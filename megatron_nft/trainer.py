@@ -263,7 +263,6 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     from transformers import AutoTokenizer
 
     from megatron_nft import runtime
-    from megatron_nft.actor import LossSettings, OptimSettings
     from megatron_nft.config import to_yaml
     from megatron_nft.data.prompts import PromptCursor
     from megatron_nft.metrics import MetricsLogger, plot_run
@@ -282,22 +281,15 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     if main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    a, o = cfg.algo, cfg.optim
     actor = Actor(
         shape,
         tp=cfg.parallel.tp,
         pp=cfg.parallel.pp,
         dtype=cfg.model.dtype,
         micro_batch_size=cfg.parallel.micro_batch_size,
-        optim=OptimSettings(
-            lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=max(cfg.run.steps * a.num_minibatches, 1),
-            weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-            grad_clip=o.grad_clip,
-        ),
-        loss=LossSettings(
-            algorithm=a.name, prompt_weight=a.prompt_weight, eps=a.eps, clip_low=a.clip_low,
-            clip_high=a.clip_high, agg=a.agg, agg_norm=a.agg_norm,
-        ),
+        optim=cfg.optim,
+        algo=cfg.algo,
+        total_steps=max(cfg.run.steps * cfg.algo.num_minibatches, 1),
         temperature=cfg.rollout.temperature,
         seed=cfg.run.seed,
     )
@@ -341,7 +333,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
             acc = run_eval(0)
             final["eval/accuracy_before"] = acc
             logger.log(0, {"eval/accuracy": acc})
-        bar = tqdm(range(start_step, cfg.run.steps), desc="NFT" if a.name == "nft" else a.name.upper(), disable=quiet or not main, initial=start_step, total=cfg.run.steps)
+        bar = tqdm(range(start_step, cfg.run.steps), desc=cfg.algo.name.upper(), disable=quiet or not main, initial=start_step, total=cfg.run.steps)
         for step in bar:
             t0 = time.perf_counter()
             rollout = collect_rollouts(cfg, engine, scorer, cursor.next_batch, sampling) if main else None

@@ -33,7 +33,8 @@ def make_batch(vocab: int, seed: int = 0):
 
 
 def _worker(rank, world_size, models, batch):
-    from megatron_nft.actor import Actor, LossSettings, OptimSettings
+    from megatron_nft.actor import Actor
+    from megatron_nft.config import AlgoConfig, OptimConfig
     from megatron_nft.model.qwen2 import shape_from_hf
 
     results = {}
@@ -45,8 +46,8 @@ def _worker(rank, world_size, models, batch):
                 tp=tp,
                 pp=pp,
                 micro_batch_size=2,
-                optim=OptimSettings(lr=1e-3, warmup_steps=0, weight_decay=0.0),
-                loss=LossSettings(algorithm="nft", agg="token_mean"),
+                optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0),
+                algo=AlgoConfig(name="nft", agg="token_mean"),
             )
             actor.load_hf(lambda n: state[n])
             exported = dict(actor.hf_tensors())
