@@ -29,22 +29,58 @@ def load_hf_config(path: str | Path):
     return AutoConfig.from_pretrained(str(path))
 
 
-def hf_tensor_reader(path: str | Path) -> Callable[[str], torch.Tensor]:
-    """Returns fetch(name) -> tensor over the checkpoint's safetensors files (sharded or not)."""
-    from safetensors import safe_open
+def hf_weight_map(path: str | Path) -> dict[str, str]:
+    """HF tensor name -> safetensors file name (relative to `path`), checking that every file exists."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_file}: not a safetensors index with a 'weight_map' ({e})") from None
     elif (path / "model.safetensors").is_file():
-        with safe_open(path / "model.safetensors", framework="pt") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}
+        try:
+            with safe_open(path / "model.safetensors", framework="pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path / 'model.safetensors'}: not a readable safetensors file ({e})") from None
     else:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     for shard in sorted(set(weight_map.values())):
         if not (path / shard).is_file():
             raise CheckpointError(f"{path}: shard {shard} listed in the index is missing")
+    return weight_map
+
+
+def hf_tensor_specs(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """HF tensor name -> (file, shape, safetensors dtype), from the files' headers only (no tensor data)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    weight_map = hf_weight_map(path)
+    specs = {}
+    for shard in sorted(set(weight_map.values())):
+        try:
+            with safe_open(path / shard, framework="pt") as f:
+                present = set(f.keys())
+                for name in (n for n, s in weight_map.items() if s == shard):
+                    if name not in present:
+                        raise CheckpointError(f"{path / shard}: tensor {name} listed in the index is not in the file")
+                    sl = f.get_slice(name)
+                    specs[name] = (shard, tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path / shard}: not a readable safetensors file ({e})") from None
+    return specs
+
+
+def hf_tensor_reader(path: str | Path) -> Callable[[str], torch.Tensor]:
+    """Returns fetch(name) -> tensor over the checkpoint's safetensors files (sharded or not)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    weight_map = hf_weight_map(path)
     handles = {}
 
     def fetch(name: str) -> torch.Tensor:
@@ -66,6 +102,7 @@ def save_hf_checkpoint(
     *,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    shard_bytes: int = SHARD_BYTES,
 ) -> Path:
     """Writes sharded safetensors with an index, config.json and the tokenizer, atomically."""
     from safetensors.torch import save_file
@@ -77,24 +114,40 @@ def save_hf_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    # Each shard is written as soon as it is full (peak memory: one shard, not the model); the files
+    # get their final "-of-N" names once N is known.
+    written: list[tuple[Path, list[str]]] = []
+    pending: dict[str, torch.Tensor] = {}
+    size = total_size = 0
+
+    def flush():
+        part = tmp / f"part-{len(written):05d}.safetensors"
+        save_file(pending, str(part), metadata={"format": "pt"})
+        written.append((part, list(pending)))
+        pending.clear()
+
     for name, tensor in tensors:
         tensor = tensor.detach().to("cpu", dtype or tensor.dtype).contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
+        if pending and size + nbytes > shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = tensor
+        pending[name] = tensor
         size += nbytes
+        total_size += nbytes
+    if pending or not written:
+        flush()
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
     weight_map = {}
-    total = len(shards)
-    for i, shard in enumerate(shards):
+    total = len(written)
+    for i, (part, names) in enumerate(written):
         fname = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
+        os.replace(part, tmp / fname)
+        os.chmod(tmp / fname, mode)  # safetensors writes 0600 files; give them the usual mode
+        weight_map.update({name: fname for name in names})
     if total > 1:
-        total_size = sum(t.numel() * t.element_size() for s in shards for t in s.values())
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)
         )

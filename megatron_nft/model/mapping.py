@@ -84,6 +84,35 @@ def hf_names(shape: Qwen2Shape) -> list[str]:
     return names
 
 
+def hf_tensor_shapes(shape: Qwen2Shape) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor an HF Qwen2 checkpoint with this config holds (see hf_names)."""
+    h, d, ffn = shape.hidden_size, shape.head_dim, shape.intermediate_size
+    q, kv = shape.num_heads * d, shape.num_kv_heads * d
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (h, q),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (ffn, h),
+        "mlp.up_proj.weight": (ffn, h),
+        "mlp.down_proj.weight": (h, ffn),
+    }
+    shapes = {}
+    for name in hf_names(shape):
+        if name.startswith("model.layers."):
+            shapes[name] = per_layer[name.split(".", 3)[3]]
+        elif name == "model.norm.weight":
+            shapes[name] = (h,)
+        else:  # model.embed_tokens.weight, lm_head.weight
+            shapes[name] = (shape.vocab_size, h)
+    return shapes
+
+
 # ----------------------------------------------------------------------------------------------------
 # forwards: HF tensors -> one rank's Megatron shard
 # ----------------------------------------------------------------------------------------------------

@@ -75,6 +75,23 @@ def shape_from_hf(cfg) -> Qwen2Shape:
     scaling = _get(cfg, "rope_scaling")
     if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
         raise ConfigError(f"HF config rope scaling {scaling or rope!r}: only the default RoPE is supported")
+    if float(rope.get("partial_rotary_factor", _get(cfg, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise ConfigError("HF config partial_rotary_factor != 1: only full rotary embeddings are supported")
+    # Qwen2 has biases on q/k/v only; a config asking for others (or for none) describes another model.
+    if _get(cfg, "attention_bias") is not None and not _get(cfg, "attention_bias"):
+        raise ConfigError("HF config attention_bias=false: Qwen2 (and this Megatron model) has q/k/v biases")
+    if _get(cfg, "mlp_bias"):
+        raise ConfigError("HF config mlp_bias=true: MLP biases are not supported (Qwen2 has none)")
+    other = sorted({t for t in (_get(cfg, "layer_types") or []) if t != "full_attention"})
+    if other:
+        raise ConfigError(f"HF config layer_types contains {other}: only 'full_attention' layers are supported")
+    if _get(cfg, "quantization_config"):
+        raise ConfigError("HF config quantization_config is set: quantized checkpoints are not supported")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings"):
+        value = _get(cfg, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"HF config {field}={value!r}: expected a positive integer")
     rope_theta = rope.get("rope_theta", _get(cfg, "rope_theta", 10000.0))
     hidden, heads = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
     kv_heads = _get(cfg, "num_key_value_heads") or heads
