@@ -162,50 +162,70 @@ class Actor:
         # The distributed optimizer keeps fp32 main copies of bf16/fp16 params: refresh them.
         self.optimizer.reload_model_params()
 
+    def _exported_params(self) -> list[tuple[torch.nn.Parameter, mapping.Rule, tuple[str, ...]]]:
+        table = self._rule_table()
+        out = []
+        for name, param in self.model.module.named_parameters():
+            if name == "output_layer.weight" and self.shape.tie_word_embeddings:
+                continue  # the first stage exports the tied embedding
+            rule, hf_names = table[name]
+            out.append((param, rule, hf_names))
+        return out
+
+    def _gathered(self, param, rule, hf_names) -> list[tuple[str, torch.Tensor]]:
+        """One parameter as HF tensors: a collective over this rank's tensor-parallel group."""
+        from megatron.core import parallel_state as ps
+
+        if self.tp > 1 and rule.split != mapping.REPLICATED:
+            shards = [torch.empty_like(param) for _ in range(self.tp)]
+            dist.all_gather(shards, param.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+        else:
+            shards = [param.detach()]
+        return list(zip(hf_names, mapping.hf_from_shards(self.shape, rule, shards)))
+
     @torch.no_grad()
     def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (HF name, full tensor) for the whole model on global rank 0 (nothing elsewhere).
 
-        Tensor-parallel shards are all-gathered; pipeline stages send their tensors to rank 0 one
-        parameter at a time (so rank 0 holds at most one extra tensor per stage)."""
+        Every rank must iterate it to the end (it runs collectives). One parameter at a time is
+        all-gathered over tensor parallelism and, with pipeline parallelism, sent from its stage to
+        rank 0, so no rank holds more than one gathered parameter beyond its own shard."""
         from megatron.core import parallel_state as ps
 
-        tp_group = ps.get_tensor_model_parallel_group()
-        params = dict(self.model.module.named_parameters())
-        table = self._rule_table()
-        mine = []
-        for name, param in params.items():
-            rule, hf_names = table[name]
-            if name == "output_layer.weight" and self.shape.tie_word_embeddings:
-                continue  # the first stage exports the tied embedding
-            if self.tp > 1 and rule.split != mapping.REPLICATED:
-                shards = [torch.empty_like(param) for _ in range(self.tp)]
-                dist.all_gather(shards, param.contiguous(), group=tp_group)
-            else:
-                shards = [param]
-            mine.extend(zip(hf_names, mapping.hf_from_shards(self.shape, rule, [s.detach() for s in shards])))
+        exported = self._exported_params()
+        is_rank0 = dist.get_rank() == 0
         if self.pp == 1:
-            if dist.get_rank() == 0:
-                # clone: with TP=1 a "shard" is the live parameter, which training keeps changing
-                yield from ((n, t.detach().to("cpu", copy=True)) for n, t in mine)
+            for item in exported:
+                pairs = self._gathered(*item)
+                if is_rank0:
+                    # copy: with TP=1 the "gathered" tensor is the live parameter, which training changes
+                    yield from ((n, t.to("cpu", copy=True)) for n, t in pairs)
             return
-        # Pipeline stages: each stage's data-parallel rank 0 / TP rank 0 holds its full tensors.
+        # Pipeline stages: the data-parallel rank 0 of each stage gathers over TP; its TP rank 0 (the
+        # "holder") broadcasts each tensor over the pipeline group, whose rank 0 is global rank 0.
         pp_group = ps.get_pipeline_model_parallel_group()
-        holder = ps.get_data_parallel_rank() == 0 and self.tp_rank == 0
+        if ps.get_data_parallel_rank() != 0:
+            return
+        holder = self.tp_rank == 0
         for stage in range(self.pp):
-            src = dist.get_global_rank(pp_group, stage) if holder else None
-            if not holder:
+            mine = stage == self.pp_rank
+            if not (mine or holder):
                 continue
-            names = [[n for n, _ in mine]] if stage == self.pp_rank else [None]
-            dist.broadcast_object_list(names, src=src, group=pp_group)
-            lookup = dict(mine) if stage == self.pp_rank else {}
-            for n in names[0]:
-                meta = [(tuple(lookup[n].shape), lookup[n].dtype)] if stage == self.pp_rank else [None]
+            src = dist.get_global_rank(pp_group, stage)
+            count = [len(exported)] if mine else [None]
+            if holder:
+                dist.broadcast_object_list(count, src=src, group=pp_group)
+            for i in range(count[0]):
+                pairs = self._gathered(*exported[i]) if mine else None
+                if not holder:
+                    continue
+                meta = [[(n, tuple(t.shape), t.dtype) for n, t in pairs]] if mine else [None]
                 dist.broadcast_object_list(meta, src=src, group=pp_group)
-                t = lookup[n].contiguous() if stage == self.pp_rank else torch.empty(meta[0][0], dtype=meta[0][1], device=self.device)
-                dist.broadcast(t, src=src, group=pp_group)
-                if dist.get_rank() == 0:
-                    yield n, t.detach().to("cpu", copy=True)
+                for j, (n, shape, dtype) in enumerate(meta[0]):
+                    t = pairs[j][1].contiguous() if mine else torch.empty(shape, dtype=dtype, device=self.device)
+                    dist.broadcast(t, src=src, group=pp_group)
+                    if is_rank0:
+                        yield n, t.to("cpu", copy=True)
 
     # ------------------------------------------------------------------------------------------------
     # forward / backward

@@ -328,11 +328,18 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         return broadcast_object(acc)
 
     final: dict = {}
+    last_accuracy = float("nan")
     try:
         if start_step == 0:
             acc = run_eval(0)
             final["eval/accuracy_before"] = acc
+            last_accuracy = acc if acc is not None else float("nan")
             logger.log(0, {"eval/accuracy": acc})
+        elif main:
+            from megatron_nft.metrics import read_metrics
+
+            first = next((r for r in read_metrics(logger.path) if r["step"] == 0), {})
+            final["eval/accuracy_before"] = first.get("eval/accuracy")
         bar = tqdm(range(start_step, cfg.run.steps), desc=cfg.algo.name.upper(), disable=quiet or not main, initial=start_step, total=cfg.run.steps)
         for step in bar:
             t0 = time.perf_counter()
@@ -353,7 +360,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
             elif last:
                 metrics["eval/accuracy"] = run_eval(step + 1)
             logger.log(step + 1, metrics)
-            bar.set_postfix(reward=f"{metrics['rollout/reward']:.2f}", acc=f"{metrics.get('eval/accuracy') or float('nan'):.2f}")
+            if metrics.get("eval/accuracy") is not None:
+                last_accuracy = metrics["eval/accuracy"]
+            bar.set_postfix(reward=f"{metrics['rollout/reward']:.2f}", heldout_acc=f"{last_accuracy:.2f}")
             if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or last:
                 state = {"step": step + 1, "cursor": cursor.state_dict(), "seed": random.random()}
                 save_checkpoint(run_dir, actor, step + 1, state)
@@ -363,7 +372,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         # an HF export of the final policy, loadable by transformers and SGLang
         tensors = actor.hf_tensors()
         if main:
-            save_hf_checkpoint(run_dir / "hf", tensors, hf_config, tokenizer, overwrite=True)
+            # one dtype throughout: on CPU megatron-core keeps RMSNorm weights in fp32 in bf16 models
+            save_hf_checkpoint(run_dir / "hf", tensors, hf_config, tokenizer, dtype=actor.dtype, overwrite=True)
         else:
             for _ in tensors:
                 pass
