@@ -32,6 +32,9 @@ class ModelConfig:
     small random Qwen2 of the shape below (the embedded CPU default) with its own trained tokenizer."""
 
     hf_path: str | None = None
+    # A megatron-core checkpoint converted from hf_path (python -m checkpoints_tools.hf_to_megatron):
+    # the weights are loaded from it, the config and tokenizer from hf_path.
+    megatron_ckpt: str | None = None
     dtype: str = choice("fp32", DTYPES)
     hidden_size: int = 128
     num_layers: int = 4
@@ -244,6 +247,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.run.steps >= 0, "run.steps must be >= 0")
     _require(cfg.eval.samples >= 1, "eval.samples must be >= 1")
     _require(not (cfg.run.resume and cfg.run.overwrite), "run.resume and run.overwrite exclude each other")
+    _require(cfg.model.megatron_ckpt is None or cfg.model.hf_path is not None, "model.megatron_ckpt needs model.hf_path (its config and tokenizer)")
     if cfg.data.task == "jsonl":
         _require(cfg.data.train_path is not None, "data.task=jsonl needs data.train_path")
         _require(cfg.model.hf_path is not None, "data.task=jsonl needs model.hf_path (a checkpoint with its tokenizer)")

@@ -303,6 +303,13 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         start_step = state["step"]
         cursor.load_state_dict(state["cursor"])
         random.seed(state["seed"])
+    elif cfg.model.megatron_ckpt:
+        if not (Path(cfg.model.megatron_ckpt) / "metadata.json").is_file():
+            from megatron_nft.errors import CheckpointError
+
+            raise CheckpointError(f"model.megatron_ckpt={cfg.model.megatron_ckpt}: not a megatron-core checkpoint (no metadata.json)")
+        actor.load_checkpoint(cfg.model.megatron_ckpt, with_optimizer=False)
+        actor.steps = 0
     else:
         actor.load_hf(hf_tensor_reader(cfg.model.hf_path))
 

@@ -78,3 +78,22 @@ def test_refuses_to_overwrite_then_resumes(demo_run, capsys):
     metrics = rows(demo_run)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert (demo_run / "checkpoints" / "step_000003" / "manifest.json").is_file()
+
+
+def test_train_starts_from_a_converted_megatron_checkpoint(demo_run, tmp_path):
+    """HF base -> checkpoints_tools.hf_to_megatron -> `megatron-nft train model.megatron_ckpt=...`:
+    the actor starts from the converted weights, and the rollout engine (fed by the actor's HF export)
+    reproduces the actor's log-probs, so the conversion and both mappings agree."""
+    from checkpoints_tools import hf_to_megatron
+
+    converted = tmp_path / "mcore"
+    assert hf_to_megatron.main(["--hf", str(demo_run / "base"), "--out", str(converted)]) == 0
+    run = tmp_path / "from_mcore"
+    code = main(
+        ["train", "--recipe", str(demo_run / "config.yaml"), f"model.hf_path={demo_run / 'base'}",
+         f"model.megatron_ckpt={converted}", f"run.dir={run}", "run.steps=1", "run.resume=false", "--quiet"]
+    )
+    assert code == 0
+    first, step1 = rows(run)[:2]
+    assert first["eval/accuracy"] == rows(demo_run)[0]["eval/accuracy"]  # same starting policy
+    assert step1["actor/rollout_logprob_abs_diff"] < 1e-4

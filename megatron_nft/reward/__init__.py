@@ -16,6 +16,7 @@ from megatron_nft.reward.grading import (
     register_grader,
     score_batch,
 )
+from megatron_nft.reward import qwen_grader as _qwen_grader  # noqa: F401 -- registers grader="qwen_math"
 
 __all__ = [
     "ANSWER_FORMATS",
