@@ -1,8 +1,9 @@
-"""`megatron-nft`: train, demo.
+"""`megatron-nft`: demo, train, eval, config.
 
     megatron-nft demo                                  # the embedded CPU default (recipes/demo.yaml)
     megatron-nft train --recipe recipes/demo.yaml run.dir=runs/x algo.eps=0.5
     megatron-nft config --recipe recipes/demo.yaml     # print the resolved config and exit
+    megatron-nft eval --hf runs/demo/hf --benchmarks data/aime24.jsonl --out runs/demo/eval
 
 Overrides are `section.key=value` (sections: model, parallel, optim, algo, rollout, data, reward,
 eval, warmup, run). Bad input prints one line naming the problem and exits with status 2.
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
             "  megatron-nft demo                                   # tiny model, CPU, minutes\n"
             "  megatron-nft demo run.overwrite=true algo.eps=0.5   # replace runs/demo, other NFT floor\n"
             "  megatron-nft train --recipe my.yaml model.hf_path=/ckpt/Qwen2.5-Math-7B run.dir=runs/x\n"
-            "  megatron-nft config --recipe recipes/demo.yaml      # print the resolved config\n\n"
+            "  megatron-nft config --recipe recipes/demo.yaml      # print the resolved config\n"
+            "  megatron-nft eval --hf runs/demo/hf --benchmarks aime24.jsonl --out runs/demo/eval\n\n"
             "Overrides are section.key=value; sections: model parallel optim algo rollout data reward eval\n"
             "warmup run. Multi-GPU: torchrun --nproc-per-node N -m megatron_nft.cli train ..."
         ),
@@ -52,7 +54,79 @@ def _parser() -> argparse.ArgumentParser:
     add("demo", "Warm up a tiny random Qwen2 on arithmetic, then improve it with NFT on CPU.", str(RECIPES / "demo.yaml"))
     add("train", "Train from a Hugging Face checkpoint (model.hf_path) with the configured algorithm.")
     add("config", "Print the resolved configuration (recipe + overrides) as YAML and exit.")
+
+    ev = sub.add_parser(
+        "eval",
+        help="avg@k accuracy of an HF checkpoint on benchmark files, as a Markdown table (resumable).",
+        description="avg@k accuracy of a Hugging Face checkpoint on benchmark JSON Lines files (the six "
+        "paper benchmarks or any file with --problem-field/--answer-field). Writes OUT/<name>.jsonl per "
+        "problem and OUT/results.md; rerunning with the same --out resumes. Megatron checkpoints: export "
+        "them first with python -m checkpoints_tools.megatron_to_hf.",
+    )
+    ev.add_argument("--hf", required=True, help="Hugging Face checkpoint directory (weights, config, tokenizer)")
+    ev.add_argument("--benchmarks", required=True, nargs="+", metavar="FILE", help="benchmark .jsonl files")
+    ev.add_argument("--out", required=True, help="output directory (resumed if it exists)")
+    ev.add_argument("--samples", type=int, default=None, help="answers per problem (default: the paper's, 32 for AIME/AMC, 1 otherwise)")
+    ev.add_argument("--model-size", choices=["7b", "32b"], default="7b", help="paper sampling: temperature 0.6 (7b) or 1.0 (32b), top_p 0.7")
+    ev.add_argument("--temperature", type=float, default=None, help="override the paper temperature")
+    ev.add_argument("--top-p", type=float, default=None, help="override the paper top_p")
+    ev.add_argument("--max-new-tokens", type=int, default=3584)
+    ev.add_argument("--template", choices=["boxed", "dapo", "raw"], default="boxed")
+    ev.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    ev.add_argument("--grader", choices=["math_verify", "qwen_math"], default="math_verify")
+    ev.add_argument("--problem-field", default=None, help="for files that are not one of the six benchmarks")
+    ev.add_argument("--answer-field", default=None, help="for files that are not one of the six benchmarks")
+    ev.add_argument("--workers", type=int, default=None, help="grading processes (default: all cores)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _run_eval(args) -> dict:
+    """The local CPU engine from the checkpoint's weights, then evaluate.evaluate_benchmarks."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from megatron_nft.data.benchmarks import load_benchmark
+    from megatron_nft.evaluate import evaluate_benchmarks, paper_sampling, paper_samples
+    from megatron_nft.model.hf_io import hf_tensor_reader, load_hf_config
+    from megatron_nft.model.mapping import hf_names
+    from megatron_nft.model.qwen2 import shape_from_hf
+    from megatron_nft.rollout import LocalEngine
+
+    from megatron_nft.errors import ConfigError
+
+    config = load_hf_config(args.hf)
+    shape = shape_from_hf(config)
+    if args.max_new_tokens >= shape.max_position_embeddings:
+        raise ConfigError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+            f"{shape.max_position_embeddings}-token context ({args.hf}/config.json max_position_embeddings)"
+        )
+    benchmarks = {}
+    for path in args.benchmarks:
+        problems = load_benchmark(path, problem_field=args.problem_field, answer_field=args.answer_field)
+        benchmarks[Path(path).stem] = problems
+    overrides = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+    sampling = paper_sampling(args.model_size, args.max_new_tokens, **overrides)
+    engine = LocalEngine(config)
+    fetch = hf_tensor_reader(args.hf)
+    engine.update_weights(((name, fetch(name)) for name in hf_names(shape)), version=0)
+    return evaluate_benchmarks(
+        engine,
+        AutoTokenizer.from_pretrained(args.hf),
+        benchmarks,
+        out_dir=args.out,
+        samples={name: args.samples or paper_samples(name) for name in benchmarks},
+        sampling=sampling,
+        template=args.template,
+        chat=args.chat,
+        grader=args.grader,
+        max_prompt_len=shape.max_position_embeddings - args.max_new_tokens,
+        workers=args.workers,
+        model_name=Path(args.hf).name,
+        progress=not args.quiet,
+    )
 
 
 def _quiet_libraries() -> None:
@@ -84,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_nft.errors import UserError
 
     try:
+        if args.command == "eval":
+            results = _run_eval(args)
+            print(" ".join(f"{name}: {100 * acc:.1f}%" for name, acc in results.items()))
+            print(f"table: {args.out}/results.md")
+            return 0
         cfg = load_config(args.recipe, args.overrides)
         if args.command == "config":
             print(to_yaml(cfg), end="")

@@ -97,3 +97,28 @@ def test_train_starts_from_a_converted_megatron_checkpoint(demo_run, tmp_path):
     first, step1 = rows(run)[:2]
     assert first["eval/accuracy"] == rows(demo_run)[0]["eval/accuracy"]  # same starting policy
     assert step1["actor/rollout_logprob_abs_diff"] < 1e-4
+
+
+def test_eval_command_writes_a_resumable_table(demo_run, tmp_path, capsys):
+    bench = tmp_path / "arith.jsonl"
+    bench.write_text("".join(json.dumps({"q": f"What is {a} + {b}?", "a": str(a + b)}) + "\n" for a, b in [(1, 2), (3, 4), (5, 1)]))
+    out = tmp_path / "eval"
+    argv = ["eval", "--hf", str(demo_run / "hf"), "--benchmarks", str(bench), "--out", str(out), "--samples", "2",
+            "--template", "dapo", "--max-new-tokens", "8", "--problem-field", "q", "--answer-field", "a", "--quiet"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (out / "arith.jsonl").read_text().splitlines()]
+    assert [len(r["scores"]) for r in records] == [2, 2, 2]
+    table = (out / "results.md").read_text()
+    mean = sum(sum(r["scores"]) for r in records) / 6
+    assert "arith" in table and f"{100 * mean:.1f}" in table
+    before = (out / "arith.jsonl").read_text()
+    assert main(argv) == 0  # resumed: nothing regenerated, nothing rewritten
+    assert (out / "arith.jsonl").read_text() == before
+    capsys.readouterr()
+    # a real benchmark problem does not fit the demo model's 256-token context: one clear line
+    aime = tmp_path / "aime24.jsonl"
+    aime.write_text(json.dumps({"id": 1, "problem": "Find the number of ordered pairs " * 30, "answer": "7"}) + "\n")
+    assert main(["eval", "--hf", str(demo_run / "hf"), "--benchmarks", str(aime), "--out", str(tmp_path / "e2"),
+                 "--max-new-tokens", "8", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "aime24" in err[0]
