@@ -115,9 +115,9 @@ def test_eval_command_writes_a_resumable_table(demo_run, tmp_path, capsys):
     assert main(argv) == 0  # resumed: nothing regenerated, nothing rewritten
     assert (out / "arith.jsonl").read_text() == before
     capsys.readouterr()
-    # a real benchmark problem does not fit the demo model's 256-token context: one clear line
+    # a problem longer than the demo model's context: one clear line
     aime = tmp_path / "aime24.jsonl"
-    aime.write_text(json.dumps({"id": 1, "problem": "Find the number of ordered pairs " * 30, "answer": "7"}) + "\n")
+    aime.write_text(json.dumps({"id": 1, "problem": "Find the number of ordered pairs " * 400, "answer": "7"}) + "\n")
     assert main(["eval", "--hf", str(demo_run / "hf"), "--benchmarks", str(aime), "--out", str(tmp_path / "e2"),
                  "--max-new-tokens", "8", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
