@@ -133,6 +133,17 @@ def discard_output(out: Path) -> None:
     shutil.rmtree(staging_dir(out), ignore_errors=True)
 
 
+def launch_writing(out: Path, fn, tp: int, pp: int, *args):
+    """launch(fn, tp, pp, *args) for a converter that stages `out`: on any failure rank 0 removes the
+    staging folder, so a failed conversion leaves nothing behind."""
+    try:
+        return launch(fn, tp, pp, *args)
+    except BaseException:
+        if is_main_rank():
+            discard_output(out)
+        raise
+
+
 # ----------------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------------

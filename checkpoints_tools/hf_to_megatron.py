@@ -116,12 +116,9 @@ def _main(argv) -> int:
     hf_dtype = common.check_hf_tensors(args.hf, shape)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if hf_dtype == "bf16" else "fp32")
     common.check_output(args.out, args.overwrite, args.hf)
-    try:
-        stats = common.launch(convert_rank, args.tp, args.pp, str(args.hf), str(args.out), shape, args.tp, args.pp, dtype)
-    except BaseException:
-        if common.is_main_rank():
-            common.discard_output(args.out)
-        raise
+    stats = common.launch_writing(
+        args.out, convert_rank, args.tp, args.pp, str(args.hf), str(args.out), shape, args.tp, args.pp, dtype
+    )
     if common.is_main_rank():
         print(
             f"wrote {args.out}: megatron-core torch_dist checkpoint, {dtype}, converted at tp={args.tp} "

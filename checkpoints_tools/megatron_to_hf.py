@@ -87,15 +87,10 @@ def _main(argv) -> int:
     if not args.max_shard_mib > 0:
         raise common.ConfigError(f"--max-shard-mib {args.max_shard_mib}: expected a positive number of MiB")
     common.check_output(args.out, args.overwrite, args.ckpt, args.hf_config)
-    try:
-        stats = common.launch(
-            export_rank, args.tp, args.pp, str(ckpt), str(args.hf_config), str(args.out), shape, args.tp, args.pp, dtype,
-            args.max_shard_mib,
-        )
-    except BaseException:
-        if common.is_main_rank():
-            common.discard_output(args.out)
-        raise
+    stats = common.launch_writing(
+        args.out, export_rank, args.tp, args.pp, str(ckpt), str(args.hf_config), str(args.out), shape, args.tp,
+        args.pp, dtype, args.max_shard_mib,
+    )
     if common.is_main_rank():
         print(
             f"wrote {args.out}: Hugging Face checkpoint, {dtype}, {stats['bytes'] / 2**20:.1f} MiB of safetensors, "
