@@ -337,16 +337,35 @@ class Actor:
         full[:, :, -1] = 0.0
         return full[0], full[1]
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """One optimizer step on a minibatch: returns loss, grad norm, lr and the loss stats."""
+    @staticmethod
+    def _groups_with_tokens(loss_mask: torch.Tensor, group_size: int | None) -> int:
+        if group_size is None or loss_mask.shape[0] % group_size:
+            raise ValueError(f"agg=group_mean needs whole groups: {loss_mask.shape[0]} rows, group_size={group_size}")
+        return int((loss_mask.view(-1, group_size, loss_mask.shape[1]).sum(dim=(1, 2)) > 0).sum())
+
+    def train_step(self, batch: dict, *, group_size: int | None = None) -> dict[str, float]:
+        """One optimizer step on a minibatch: returns loss, grad norm, lr and the loss stats.
+
+        `group_size` (K answers per prompt, rows grouped contiguously) is needed by InfoNCA, whose loss
+        contrasts a prompt's answers: every micro-batch then holds whole groups. An optional
+        `reward_std` [B] in the batch feeds GRPO/DAPO's advantage when rewards are shaped."""
         self.model.train()
-        num_tokens = float(batch["loss_mask"].sum())
-        # token_mean over the whole minibatch == token_sum_norm with the minibatch's token count, which
-        # is additive over micro-batches and ranks; see algorithms.policy_loss.
-        norm = self.algo.agg_norm if self.algo.agg == "token_sum_norm" else max(num_tokens, 1.0)
-        micro, _ = self._local_microbatches(
-            {k: batch[k] for k in ("tokens", "loss_mask", "old_logprobs", "rewards", "correct_rate")}
-        )
+        algo = self.algo.resolved()
+        # token_mean (group_mean) over the whole minibatch == a sum divided by the minibatch's token
+        # (group) count, which is additive over micro-batches and ranks; see algorithms.policy_loss.
+        if algo.agg == "token_sum_norm":
+            norm = algo.agg_norm
+        elif algo.agg == "token_mean":
+            norm = max(float(batch["loss_mask"].sum()), 1.0)
+        else:
+            norm = max(float(self._groups_with_tokens(batch["loss_mask"], group_size)), 1.0)
+        if algo.name == "infonca" and (group_size is None or self.micro_batch_size % group_size):
+            raise ValueError(
+                f"infonca needs whole groups per micro-batch: micro_batch_size={self.micro_batch_size} must be a "
+                f"multiple of group_size={group_size}"
+            )
+        keys = ["tokens", "loss_mask", "old_logprobs", "rewards", "correct_rate"] + (["reward_std"] if "reward_std" in batch else [])
+        micro, _ = self._local_microbatches({k: batch[k] for k in keys})
         # Megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP
         # averages gradients over data-parallel ranks; undo both so the gradient is that of the
         # minibatch loss itself, whatever the micro-batching and parallel layout.
@@ -356,18 +375,23 @@ class Actor:
             def loss_func(output):
                 logprobs, entropy = output[0], output[1]
                 loss, stats = policy_loss(
-                    self.algo.name,
+                    algo.name,
                     logprobs,
                     mb["old_logprobs"].float(),
                     mb["rewards"].float(),
                     mb["correct_rate"].float(),
                     mb["loss_mask"].float(),
-                    prompt_weight=self.algo.prompt_weight,
-                    neg_clip=self.algo.eps,
-                    clip_low=self.algo.clip_low,
-                    clip_high=self.algo.clip_high,
+                    prompt_weight=algo.prompt_weight,
+                    neg_clip=algo.eps,
+                    clip_low=algo.clip_low,
+                    clip_high=algo.clip_high,
                     agg="token_sum_norm",
                     agg_norm=norm,
+                    reward_std=mb["reward_std"].float() if "reward_std" in mb else None,
+                    group_size=group_size,
+                    beta=algo.beta,
+                    sft_coef=algo.sft_coef,
+                    target_temperature=algo.target_temperature,
                 )
                 mask = mb["loss_mask"].float()
                 sums = {
@@ -378,6 +402,9 @@ class Actor:
                     "neg_tokens": stats["neg_tokens"],
                     "neg_floor_tokens": stats["neg_floor_tokens"],
                     "clip_tokens": stats["clip_tokens"],
+                    # min / max reduce as -max(-x) / max(x) after the sum below: kept as separate maxima
+                    "neg_ratio_min": -stats["ratio_min"] if stats["num_tokens"] > 0 else torch.tensor(-math.inf),
+                    "ratio_max": stats["ratio_max"] if stats["num_tokens"] > 0 else torch.tensor(-math.inf),
                 }
                 return loss * undo, sums
 
@@ -391,22 +418,31 @@ class Actor:
         self.scheduler.step(increment=1)
         self.steps += 1
         keys = ["loss", "entropy_sum", "tokens", "ratio_sum", "neg_tokens", "neg_floor_tokens", "clip_tokens"]
+        max_keys = ["neg_ratio_min", "ratio_max"]
         local = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        local_max = torch.full((len(max_keys),), -math.inf, dtype=torch.float64, device=self.device)
         if self.last_stage:
             for o in outputs:
                 for i, k in enumerate(keys):
                     local[i] += o[k].double()
+                for i, k in enumerate(max_keys):
+                    local_max[i] = torch.maximum(local_max[i], o[k].double())
         local = self._broadcast_from_last_stage(local, (len(keys),), torch.float64)
+        local_max = self._broadcast_from_last_stage(local_max, (len(max_keys),), torch.float64)
         if self.dp > 1:
             from megatron.core import parallel_state as ps
 
             dist.all_reduce(local, group=ps.get_data_parallel_group())
+            dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         totals = dict(zip(keys, local.tolist()))
+        maxima = dict(zip(max_keys, local_max.tolist()))
         tokens = max(totals["tokens"], 1.0)
         return {
             "loss": totals["loss"],
             "entropy": totals["entropy_sum"] / tokens,
             "ratio_mean": totals["ratio_sum"] / tokens,
+            "ratio_min": -maxima["neg_ratio_min"],
+            "ratio_max": maxima["ratio_max"],
             "neg_floor_frac": totals["neg_floor_tokens"] / max(totals["neg_tokens"], 1.0),
             "clip_frac": totals["clip_tokens"] / tokens,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

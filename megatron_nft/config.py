@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_nft.algorithms import AGGREGATIONS, ALGORITHMS, PROMPT_WEIGHTS
+from megatron_nft.algorithms import AGGREGATIONS, ALGORITHMS, DEFAULT_AGG, GRPO_FAMILY, PROMPT_WEIGHTS
 from megatron_nft.errors import ConfigError
 from megatron_nft.reward import ANSWER_FORMATS
 
@@ -65,19 +65,40 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+# Groups whose answers are all right or all wrong are dropped (DAPO dynamic sampling) by the algorithms
+# that the paper runs that way; GRPO and Dr.GRPO use every group (zero-variance ones contribute nothing),
+# RFT keeps every right answer, as rejection-sampling fine-tuning does.
+DEFAULT_DYNAMIC_SAMPLING = {"nft": True, "rft": False, "grpo": False, "dr_grpo": False, "dapo": True, "infonca": True}
+# DAPO's over-long buffer is 4096 of its 20480-token budget: a fifth of rollout.max_new_tokens.
+DAPO_OVERLONG_BUFFER_FRACTION = 0.2
+
+
 @dataclass
 class AlgoConfig:
-    """The policy loss (see algorithms.policy_loss) and the batch it sees."""
+    """The policy loss (see algorithms.policy_loss) and the batch it sees. Switching algorithm is
+    `algo.name`; fields left at None take that algorithm's own setting (DEFAULT_AGG,
+    DEFAULT_DYNAMIC_SAMPLING) when the config is loaded."""
 
     name: str = choice("nft", ALGORITHMS)
-    prompt_weight: str = choice("one_minus_r", PROMPT_WEIGHTS)
+    prompt_weight: str = choice("one_minus_r", PROMPT_WEIGHTS)  # NFT's ω(q)
     eps: float = 1.0  # NFT's floor on the negative ratio term (the straight-through max_v)
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    agg: str = choice("token_sum_norm", AGGREGATIONS)
+    clip_low: float = 0.2  # GRPO family: PPO clip [1 - clip_low, 1 + clip_low]
+    clip_high: float = 0.28  # DAPO's clip-higher: [1 - clip_low, 1 + clip_high]
+    agg: str | None = choice(None, AGGREGATIONS)
     agg_norm: float = 1000.0
     num_minibatches: int = 16
-    dynamic_sampling: bool = True  # keep only groups with 0 < mean reward < 1 (DAPO)
+    dynamic_sampling: bool | None = None  # keep only groups with 0 < mean reward < 1 (DAPO)
+    beta: float = 0.1  # InfoNCA / DPO: β on the sequence log-ratio to the iteration's start policy
+    sft_coef: float = 1.0  # InfoNCA: λ on the length-normalised NLL of the right answers
+    target_temperature: float = 0.0  # InfoNCA: targets softmax(r / α); 0 = uniform over the right answers
+
+    def resolved(self) -> "AlgoConfig":
+        """This config with the algorithm's own settings in the fields left at None."""
+        return dataclasses.replace(
+            self,
+            agg=DEFAULT_AGG[self.name] if self.agg is None else self.agg,
+            dynamic_sampling=DEFAULT_DYNAMIC_SAMPLING[self.name] if self.dynamic_sampling is None else self.dynamic_sampling,
+        )
 
 
 @dataclass
@@ -103,6 +124,7 @@ class DataConfig:
     chat: bool = False
     max_prompt_len: int = 512
     # the embedded arithmetic task
+    seed: int | None = None  # the train / held-out split; None: run.seed (fix it to compare RL seeds on one split)
     n_train: int = 4000
     n_eval: int = 200
     max_operand: int = 30
@@ -113,6 +135,11 @@ class RewardConfig:
     answer_format: str = choice("auto", ANSWER_FORMATS)
     timeout_s: float = 5.0
     workers: int | None = None
+    # DAPO's over-long shaping (reward/shaping.py): a penalty rising to `overlong_penalty` over the last
+    # `overlong_buffer` tokens of rollout.max_new_tokens; 0 = off; None = on for dapo (a fifth of the
+    # budget, DAPO's 4096 of 20480), off otherwise.
+    overlong_buffer: int | None = None
+    overlong_penalty: float = 1.0
 
 
 @dataclass
@@ -189,9 +216,21 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{origin}: {_explain(e)}") from None
-    cfg: TrainConfig = OmegaConf.to_object(merged)
+    cfg: TrainConfig = resolve_defaults(OmegaConf.to_object(merged))
     validate(cfg)
     return cfg
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fills the fields whose default depends on the algorithm (left at None); done once, at load."""
+    if cfg.algo.name not in ALGORITHMS:
+        return cfg  # validate() names the bad value
+    algo = cfg.algo.resolved()
+    buffer = cfg.reward.overlong_buffer
+    if buffer is None:
+        buffer = int(DAPO_OVERLONG_BUFFER_FRACTION * cfg.rollout.max_new_tokens) if algo.name == "dapo" else 0
+    data = dataclasses.replace(cfg.data, seed=cfg.run.seed if cfg.data.seed is None else cfg.data.seed)
+    return dataclasses.replace(cfg, algo=algo, data=data, reward=dataclasses.replace(cfg.reward, overlong_buffer=buffer))
 
 
 def _explain(e) -> str:
@@ -230,6 +269,8 @@ def validate(cfg: TrainConfig) -> None:
     r, a, p, o = cfg.rollout, cfg.algo, cfg.parallel, cfg.optim
     _require(p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1")
     _require(p.micro_batch_size >= 1, "parallel.micro_batch_size must be >= 1")
+    if a.name == "infonca":
+        _require(r.samples_per_prompt >= 2, f"rollout.samples_per_prompt={r.samples_per_prompt}: algo.name=infonca contrasts the answers of a prompt and needs K >= 2")
     _require(r.samples_per_prompt >= 2, f"rollout.samples_per_prompt={r.samples_per_prompt}: group statistics need at least 2 answers per prompt")
     _require(r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
     _require(r.gen_prompts >= r.prompts_per_step, f"rollout.gen_prompts={r.gen_prompts} must be >= rollout.prompts_per_step={r.prompts_per_step}")
@@ -242,6 +283,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(a.eps > 0, f"algo.eps={a.eps}: must be > 0")
     _require(0 <= a.clip_low < 1 and a.clip_high >= 0, "algo.clip_low must be in [0, 1) and algo.clip_high >= 0")
     _require(a.agg_norm > 0, "algo.agg_norm must be > 0")
+    _validate_algorithm_combination(cfg)
     _require(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
     _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     _require(cfg.run.steps >= 0, "run.steps must be >= 0")
@@ -251,6 +293,45 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.task == "jsonl":
         _require(cfg.data.train_path is not None, "data.task=jsonl needs data.train_path")
         _require(cfg.model.hf_path is not None, "data.task=jsonl needs model.hf_path (a checkpoint with its tokenizer)")
+
+
+def _validate_algorithm_combination(cfg: TrainConfig) -> None:
+    """Settings that mean nothing (or something else) for the chosen algorithm are errors, before any
+    work starts."""
+    a, r, rw = cfg.algo, cfg.rollout, cfg.reward
+    sequence_level = a.name == "infonca"
+    _require(
+        not (a.agg == "group_mean" and not sequence_level),
+        f"algo.agg=group_mean averages per-prompt losses and only applies to algo.name=infonca (got algo.name={a.name}); "
+        f"use token_sum_norm or token_mean",
+    )
+    _require(
+        not (a.agg == "token_mean" and sequence_level),
+        "algo.name=infonca has a per-prompt loss: algo.agg must be group_mean (default) or token_sum_norm, not token_mean",
+    )
+    if sequence_level:
+        _require(a.beta > 0, f"algo.beta={a.beta}: must be > 0")
+        _require(a.sft_coef >= 0, f"algo.sft_coef={a.sft_coef}: must be >= 0")
+        _require(a.target_temperature >= 0, f"algo.target_temperature={a.target_temperature}: must be >= 0")
+        k, mbs = r.samples_per_prompt, cfg.parallel.micro_batch_size
+        _require(
+            mbs % k == 0,
+            f"parallel.micro_batch_size={mbs}: algo.name=infonca needs each prompt's {k} answers in one micro-batch, "
+            f"so it must be a multiple of rollout.samples_per_prompt={k}",
+        )
+    buffer = rw.overlong_buffer or 0
+    _require(buffer >= 0, f"reward.overlong_buffer={buffer}: must be >= 0")
+    _require(rw.overlong_penalty >= 0, f"reward.overlong_penalty={rw.overlong_penalty}: must be >= 0")
+    if buffer:
+        _require(
+            a.name in GRPO_FAMILY,
+            f"reward.overlong_buffer={buffer}: over-long shaping makes rewards non-binary, which only the GRPO family's "
+            f"advantage accepts; algo.name={a.name} needs r in {{0, 1}} (set reward.overlong_buffer=0)",
+        )
+        _require(
+            buffer < r.max_new_tokens,
+            f"reward.overlong_buffer={buffer} must be smaller than rollout.max_new_tokens={r.max_new_tokens}",
+        )
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def build_base_model(cfg: TrainConfig, out_dir: Path, *, quiet: bool = False) ->
     from megatron_nft.runtime import is_main_rank
 
     d, m, w = cfg.data, cfg.model, cfg.warmup
-    train_rows, _ = arithmetic_splits(d.n_train, d.n_eval, seed=cfg.run.seed, max_operand=d.max_operand)
+    train_rows, _ = arithmetic_splits(d.n_train, d.n_eval, seed=d.seed, max_operand=d.max_operand)
     responses = [reference_response(r["answer"]) for r in train_rows]
     corpus = [render_prompt(r["problem"], d.template) for r in train_rows] + responses
     tokenizer = train_bpe_tokenizer(corpus, vocab_size=m.vocab_size)

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_nft.actor import Actor
-from megatron_nft.algorithms import dynamic_sampling_keep, group_correct_rate
+from megatron_nft.algorithms import dynamic_sampling_keep, group_correct_rate, group_reward_std
 from megatron_nft.config import TrainConfig
 from megatron_nft.data.batching import pack_rows, select_rows
-from megatron_nft.reward import apply_truncation
+from megatron_nft.reward import apply_truncation, shape_overlong
 from megatron_nft.runtime import is_main_rank
 from megatron_nft.rollout import Completion, RolloutEngine, SamplingParams
 
@@ -38,7 +38,7 @@ class StepRollout:
 
     prompts: list[Prompt] = field(default_factory=list)
     completions: list[Completion] = field(default_factory=list)  # K per prompt, grouped
-    rewards: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)  # correctness r in {0, 1}; truncated = 0
     metrics: dict = field(default_factory=dict)
 
 
@@ -71,9 +71,11 @@ def collect_rollouts(
     generated = all_right = all_wrong = truncated = 0
     reward_sum = length_sum = 0.0
     rounds = 0
+    # Without the filter nothing is dropped: one round of exactly the train batch.
+    round_size = r.gen_prompts if cfg.algo.dynamic_sampling else r.prompts_per_step
     while len(out.prompts) < r.prompts_per_step and rounds < r.max_num_gen_batches:
         rounds += 1
-        prompts: list[Prompt] = next_prompts(r.gen_prompts)
+        prompts: list[Prompt] = next_prompts(round_size)
         completions = engine.generate([p.ids for p in prompts], sampling)
         golds = [p.answer for p in prompts for _ in range(k)]
         rewards = scorer(completions, golds)
@@ -92,7 +94,7 @@ def collect_rollouts(
     n = min(len(out.prompts), r.prompts_per_step)
     out.prompts, out.completions, out.rewards = out.prompts[:n], out.completions[: n * k], out.rewards[: n * k]
     out.metrics = {
-        "rollout/reward": reward_sum / max(generated, 1),
+        "rollout/reward": reward_sum / max(generated, 1),  # correctness over every generated answer
         "rollout/response_length": length_sum / max(generated, 1),
         "rollout/truncated_frac": truncated / max(generated, 1),
         "rollout/gen_rounds": rounds,
@@ -103,16 +105,30 @@ def collect_rollouts(
     return out
 
 
-def rollout_batch(rollout: StepRollout, k: int) -> dict:
+def training_rewards(cfg: TrainConfig, rollout: StepRollout) -> list[float]:
+    """The rewards the loss sees: correctness, plus DAPO's over-long penalty when configured."""
+    if not cfg.reward.overlong_buffer:
+        return list(rollout.rewards)
+    lengths = [len(c.token_ids) for c in rollout.completions]
+    return shape_overlong(
+        rollout.rewards, lengths, max_len=cfg.rollout.max_new_tokens,
+        buffer=cfg.reward.overlong_buffer, factor=cfg.reward.overlong_penalty,
+    )
+
+
+def rollout_batch(rollout: StepRollout, k: int, rewards: list[float]) -> dict:
+    """The actor's batch: tokens and masks, the engine's log-probs, and per-row reward statistics of
+    each row's group (mean r̂ and population std, over the rewards the loss sees)."""
     prompts = [p.ids for p in rollout.prompts for _ in range(k)]
-    rewards = torch.tensor(rollout.rewards)
+    reward_tensor = torch.tensor(rewards)
     return pack_rows(
         prompts,
         [c.token_ids for c in rollout.completions],
         extra={
             "rollout_logprobs": [c.logprobs for c in rollout.completions],
-            "rewards": rollout.rewards,
-            "correct_rate": group_correct_rate(rewards, k).tolist(),
+            "rewards": rewards,
+            "correct_rate": group_correct_rate(reward_tensor, k).tolist(),
+            "reward_std": group_reward_std(reward_tensor, k).tolist(),
         },
     )
 
@@ -128,12 +144,15 @@ def evaluate(engine: RolloutEngine, scorer: Scorer, prompts: list[Prompt], sampl
 def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> dict:
     """Old log-probs, then `num_minibatches` optimizer steps over whole groups."""
     k = cfg.rollout.samples_per_prompt
-    batch = rollout_batch(rollout, k)
+    rewards = training_rewards(cfg, rollout)
+    batch = rollout_batch(rollout, k, rewards)
     old_logprobs, _ = actor.compute_logprobs({"tokens": batch["tokens"]})
     batch["old_logprobs"] = old_logprobs
     mask = batch["loss_mask"].bool()
     metrics = {
         "actor/rollout_logprob_abs_diff": (old_logprobs - batch["rollout_logprobs"]).abs()[mask].mean().item(),
+        "train/reward": sum(rewards) / max(len(rewards), 1),
+        "train/accuracy": sum(rollout.rewards) / max(len(rollout.rewards), 1),
     }
     groups = len(rollout.prompts)
     num_mb = min(cfg.algo.num_minibatches, groups)
@@ -141,10 +160,12 @@ def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> di
     step_metrics = []
     for start in range(0, groups, per_mb):
         rows = slice(start * k, min(groups, start + per_mb) * k)
-        step_metrics.append(actor.train_step(select_rows(batch, rows)))
+        step_metrics.append(actor.train_step(select_rows(batch, rows), group_size=k))
     for key in ("loss", "entropy", "grad_norm", "ratio_mean", "neg_floor_frac", "clip_frac", "lr"):
         values = [m[key] for m in step_metrics]
         metrics[f"actor/{key}"] = sum(values) / len(values)
+    metrics["actor/ratio_min"] = min(m["ratio_min"] for m in step_metrics)
+    metrics["actor/ratio_max"] = max(m["ratio_max"] for m in step_metrics)
     metrics["actor/loss_first_minibatch"] = step_metrics[0]["loss"]
     metrics["actor/minibatches"] = len(step_metrics)
     metrics["actor/skipped_updates"] = sum(not m["update_ok"] for m in step_metrics)
@@ -202,7 +223,7 @@ def load_prompts(cfg: TrainConfig, tokenizer, context_len: int) -> tuple[list[Pr
     if d.task == "arithmetic":
         from megatron_nft.data.arithmetic import arithmetic_splits
 
-        train_rows, eval_rows = arithmetic_splits(d.n_train, d.n_eval, seed=cfg.run.seed, max_operand=d.max_operand)
+        train_rows, eval_rows = arithmetic_splits(d.n_train, d.n_eval, seed=d.seed, max_operand=d.max_operand)
         answers = lambda rows: [r["answer"] for r in rows]  # noqa: E731
     else:
         train_rows = load_prompt_rows(d.train_path, prompt_field=d.prompt_field, answer_field=d.answer_field)

@@ -63,6 +63,16 @@ def _worker(rank, world_size, models, batch):
                 "exported": exported if rank == 0 else None,
             }
             del actor
+    # InfoNCA contrasts whole groups (K = 2 here): at DP=2 each rank's micro-batches must hold whole groups
+    label, (config, state) = next(iter(models.items()))
+    actor = Actor(
+        shape_from_hf(config),
+        micro_batch_size=2,
+        optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0),
+        algo=AlgoConfig(name="infonca", beta=0.5, sft_coef=0.2),
+    )
+    actor.load_hf(lambda n: state[n])
+    results[(label, "infonca")] = actor.train_step(batch, group_size=2)
     return results
 
 
@@ -129,3 +139,16 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(parallel_results, label, tp, pp)
     assert set(got) == set(hf_names(shape_from_hf(config)))
     for name, tensor in got.items():
         assert torch.equal(tensor, state[name]), name
+
+
+def test_infonca_step_on_data_parallel_ranks_matches_policy_loss(parallel_results):
+    from megatron_nft.algorithms import group_correct_rate, policy_loss
+
+    out, ref_lp, batches, _ = parallel_results
+    b = batches["untied"]
+    expected, _ = policy_loss(
+        "infonca", ref_lp["untied"], b["old_logprobs"], b["rewards"], group_correct_rate(b["rewards"], 2),
+        b["loss_mask"], group_size=2, beta=0.5, sft_coef=0.2, agg="group_mean",
+    )
+    assert abs(expected.item()) > 1e-3
+    assert out[("untied", "infonca")]["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)

@@ -26,6 +26,8 @@ from megatron_nft.algorithms import (
     prompt_weights,
 )
 
+# The per-token losses; InfoNCA (sequence level, whole groups) has its own tests in test_baselines.py.
+TOKEN_ALGORITHMS = tuple(a for a in ALGORITHMS if a != "infonca")
 K = 4
 POSITIVES = [1, 2, 3, 0, 4, 2]  # per group: r̂ = .25, .5, .75, 0 (all wrong), 1 (all right), .5
 B, T, V = K * len(POSITIVES), 7, 9
@@ -250,7 +252,7 @@ def test_grpo_family_per_token_gradient_with_clip_indicators(algorithm, agg):
 # 6. Aggregation, masks and stats.
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", TOKEN_ALGORITHMS)
 def test_aggregation_token_mean_and_row_additivity(algorithm):
     b = make_batch(7)
     log_ratio = uniform(b, -0.7, 0.9)
@@ -275,7 +277,7 @@ def test_aggregation_token_mean_and_row_additivity(algorithm):
     assert full.abs().item() > 1e-6
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", TOKEN_ALGORITHMS)
 def test_masked_positions_are_ignored_and_float_mask_equals_bool(algorithm):
     b = make_batch(8)
     log_ratio = uniform(b, -0.5, 0.5)
@@ -291,7 +293,7 @@ def test_masked_positions_are_ignored_and_float_mask_equals_bool(algorithm):
         close(sf[k], stats[k])
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", TOKEN_ALGORITHMS)
 def test_stats_are_detached_scalars_reducible_over_micro_batches(algorithm):
     b = make_batch(9)
     log_ratio = uniform(b, -0.8, 1.2)
@@ -329,7 +331,7 @@ def test_empty_mask_gives_zero_loss_and_reduction_identities():
     b = make_batch(10)
     logp = logprobs_of(b)
     empty = torch.zeros(B, T, dtype=torch.bool)
-    for algorithm in ALGORITHMS:
+    for algorithm in TOKEN_ALGORITHMS:
         for agg in ("token_sum_norm", "token_mean"):
             loss, stats = policy_loss(algorithm, logp, logp.detach() + 5, b.rewards, b.correct_rate, empty, agg=agg)
             assert loss.item() == 0.0
@@ -388,7 +390,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
         policy_loss(algorithm, logp, logp, b.rewards, b.correct_rate, b.mask, **kwargs)
     if name in ("algorithm", "prompt_weight", "agg"):
         allowed = {"algorithm": ALGORITHMS, "prompt_weight": ("uniform", "one_minus_r", "grpo"),
-                   "agg": ("token_sum_norm", "token_mean")}[name]
+                   "agg": ("token_sum_norm", "token_mean", "group_mean")}[name]
         assert all(a in str(err.value) for a in allowed)
 
 

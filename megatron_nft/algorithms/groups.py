@@ -43,6 +43,13 @@ def group_correct_rate(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.view(-1, group_size).mean(dim=1).repeat_interleave(group_size)
 
 
+def group_reward_std(rewards: Tensor, group_size: int) -> Tensor:
+    """Per response, the population std of its group's rewards: ``[N*K] -> [N*K]``. For binary rewards
+    it is sqrt(r̂(1 - r̂)); shaped rewards (DAPO's over-long penalty) need it computed."""
+    rewards = _check_groups(rewards, group_size)
+    return rewards.view(-1, group_size).std(dim=1, correction=0).repeat_interleave(group_size)
+
+
 def prompt_weights(correct_rate: Tensor, kind: str) -> Tensor:
     """NFT's prompt weight ω(q) from the group correct rate r̂, elementwise (same shape as the input).
 

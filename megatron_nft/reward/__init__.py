@@ -16,6 +16,7 @@ from megatron_nft.reward.grading import (
     register_grader,
     score_batch,
 )
+from megatron_nft.reward.shaping import overlong_penalty, shape_overlong
 from megatron_nft.reward import qwen_grader as _qwen_grader  # noqa: F401 -- registers grader="qwen_math"
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "get_grader",
     "grader_names",
     "math_verify_grader",
+    "overlong_penalty",
     "register_grader",
     "score_batch",
+    "shape_overlong",
 ]
