@@ -50,7 +50,10 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    micro_batch_size: int = 64
+    cp: int = 1  # context parallel (zigzag over 2*cp chunks per sequence); needs max_tokens_per_micro_batch
+    micro_batch_size: int = 64  # rows per micro-batch on the right-padded path
+    # Packed (THD) micro-batches of at most this many tokens, balanced over DP ranks; None: padded rows
+    max_tokens_per_micro_batch: int | None = None
 
 
 @dataclass
@@ -91,6 +94,9 @@ class AlgoConfig:
     beta: float = 0.1  # InfoNCA / DPO: β on the sequence log-ratio to the iteration's start policy
     sft_coef: float = 1.0  # InfoNCA: λ on the length-normalised NLL of the right answers
     target_temperature: float = 0.0  # InfoNCA: targets softmax(r / α); 0 = uniform over the right answers
+    # Token-level truncated importance sampling for rollout / actor mismatch: each token's loss weighted
+    # by min(π_actor_old / π_rollout, tis_cap); None = off (identical engines need none).
+    tis_cap: float | None = None
 
     def resolved(self) -> "AlgoConfig":
         """This config with the algorithm's own settings in the fields left at None."""
@@ -168,6 +174,7 @@ class RunConfig:
     save_every: int = 0  # 0: a checkpoint at the end only
     resume: bool = False
     overwrite: bool = False
+    max_nonfinite_updates: int = 3  # this many NaN/Inf minibatch losses in a row stop the run
 
 
 @dataclass
@@ -195,18 +202,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     from omegaconf.errors import OmegaConfBaseException
 
     merged = OmegaConf.structured(TrainConfig)
-    layers = []
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path}: no such file")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:  # yaml.YAMLError and friends, with their own line/column
-            raise ConfigError(f"recipe {path}: not valid YAML: {' '.join(str(e).split())}") from None
-        if not isinstance(loaded, type(OmegaConf.create({}))):
-            raise ConfigError(f"recipe {path}: expected a mapping of sections (model:, algo:, ...)")
-        layers.append((f"recipe {path}", loaded))
+    layers = _recipe_layers(Path(recipe), ()) if recipe is not None else []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. algo.eps=0.5")
@@ -219,6 +215,35 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     cfg: TrainConfig = resolve_defaults(OmegaConf.to_object(merged))
     validate(cfg)
     return cfg
+
+
+def _recipe_layers(path: Path, seen: tuple[Path, ...]) -> list:
+    """A recipe's layers, its `base:` recipes first (a path or a list of paths, relative to the recipe;
+    later ones override earlier ones, the recipe itself overrides them all)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if not path.is_file():
+        origin = f" (base of {seen[-1]})" if seen else ""
+        raise ConfigError(f"recipe {path}{origin}: no such file")
+    if path.resolve() in seen:
+        raise ConfigError(f"recipe {path}: `base:` includes itself ({' -> '.join(map(str, seen))})")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends, with their own line/column
+        raise ConfigError(f"recipe {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"recipe {path}: expected a mapping of sections (model:, algo:, ...)")
+    bases = loaded.pop("base", None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    elif not (isinstance(bases, ListConfig) and all(isinstance(b, str) for b in bases)):
+        raise ConfigError(f"recipe {path}: base must be a recipe path or a list of them")
+    layers = []
+    for base in bases:
+        layers += _recipe_layers(path.parent / base, (*seen, path.resolve()))
+    return layers + [(f"recipe {path}", loaded)]
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
@@ -269,6 +294,15 @@ def validate(cfg: TrainConfig) -> None:
     r, a, p, o = cfg.rollout, cfg.algo, cfg.parallel, cfg.optim
     _require(p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1")
     _require(p.micro_batch_size >= 1, "parallel.micro_batch_size must be >= 1")
+    _require(p.cp >= 1, f"parallel.cp={p.cp}: must be >= 1")
+    _require(
+        p.max_tokens_per_micro_batch is None or p.max_tokens_per_micro_batch >= 1,
+        f"parallel.max_tokens_per_micro_batch={p.max_tokens_per_micro_batch}: must be >= 1 or null",
+    )
+    _require(
+        p.cp == 1 or p.max_tokens_per_micro_batch is not None,
+        f"parallel.cp={p.cp} needs parallel.max_tokens_per_micro_batch: context parallel runs on packed sequences",
+    )
     if a.name == "infonca":
         _require(r.samples_per_prompt >= 2, f"rollout.samples_per_prompt={r.samples_per_prompt}: algo.name=infonca contrasts the answers of a prompt and needs K >= 2")
     _require(r.samples_per_prompt >= 2, f"rollout.samples_per_prompt={r.samples_per_prompt}: group statistics need at least 2 answers per prompt")
@@ -287,6 +321,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
     _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     _require(cfg.run.steps >= 0, "run.steps must be >= 0")
+    _require(cfg.run.max_nonfinite_updates >= 1, "run.max_nonfinite_updates must be >= 1")
     _require(cfg.eval.samples >= 1, "eval.samples must be >= 1")
     _require(not (cfg.run.resume and cfg.run.overwrite), "run.resume and run.overwrite exclude each other")
     _require(cfg.model.megatron_ckpt is None or cfg.model.hf_path is not None, "model.megatron_ckpt needs model.hf_path (its config and tokenizer)")
@@ -309,6 +344,9 @@ def _validate_algorithm_combination(cfg: TrainConfig) -> None:
         not (a.agg == "token_mean" and sequence_level),
         "algo.name=infonca has a per-prompt loss: algo.agg must be group_mean (default) or token_sum_norm, not token_mean",
     )
+    if a.tis_cap is not None:
+        _require(a.tis_cap > 0, f"algo.tis_cap={a.tis_cap}: must be > 0 (or null to turn it off)")
+        _require(not sequence_level, "algo.tis_cap weights per-token losses; algo.name=infonca has a per-prompt loss (set algo.tis_cap=null)")
     if sequence_level:
         _require(a.beta > 0, f"algo.beta={a.beta}: must be > 0")
         _require(a.sft_coef >= 0, f"algo.sft_coef={a.sft_coef}: must be >= 0")
