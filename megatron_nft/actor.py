@@ -11,6 +11,11 @@ Batch layout (all tensors on CPU, rows = responses, right-padded):
   rewards       [B]     r in {0, 1}                          (train_step only)
   correct_rate  [B]     the response's group mean reward r^  (train_step only)
 Per-token outputs are aligned with labels: position t scores tokens[:, t+1]; the last column is 0.
+
+With `max_tokens_per_micro_batch`, whole rows are instead packed into THD micro-batches of at most
+that many tokens, balanced over data-parallel ranks (data.batching.plan_packing, model.packed_stream);
+each micro-batch's per-token outputs are put back to [rows, S] before its loss function sees them, so
+losses are computed the same way on both paths. Context parallel (cp > 1) runs on packed micro-batches.
 """
 
 from __future__ import annotations
@@ -26,11 +31,25 @@ import torch.distributed as dist
 from megatron_nft import runtime
 from megatron_nft.algorithms import policy_loss
 from megatron_nft.config import AlgoConfig, OptimConfig
+from megatron_nft.data.batching import needed_lengths, plan_packing, sequence_alignment
+from megatron_nft.errors import ConfigError
 from megatron_nft.model import mapping
 from megatron_nft.model.logprobs import mask_vocab_padding, vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_nft.model.qwen2 import Qwen2Shape, build_gpt_model, te_available, transformer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_packing(cp: int, max_tokens_per_micro_batch: int | None) -> None:
+    """Packed micro-batches need a positive token budget; context parallel runs only on them."""
+    if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
+        raise ConfigError(f"parallel.max_tokens_per_micro_batch={max_tokens_per_micro_batch}: expected a positive integer or null")
+    if cp < 1:
+        raise ConfigError(f"parallel.cp={cp}: expected >= 1")
+    if cp > 1 and max_tokens_per_micro_batch is None:
+        raise ConfigError(
+            f"parallel.cp={cp} needs parallel.max_tokens_per_micro_batch: context parallel runs on packed sequences"
+        )
 
 
 class Actor:
@@ -47,6 +66,8 @@ class Actor:
         total_steps: int = 1000,
         temperature: float = 1.0,
         seed: int = 1234,
+        cp: int = 1,
+        max_tokens_per_micro_batch: int | None = None,
     ):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -54,13 +75,18 @@ class Actor:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         shape.check_parallel(tp, pp)
+        check_packing(cp, max_tokens_per_micro_batch)
         self.shape, self.algo, self.temperature = shape, algo, temperature
+        # None: right-padded rows, micro_batch_size at a time; else packed THD micro-batches of at most
+        # this many tokens (see _packed_microbatches)
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.micro_batch_size = micro_batch_size
         self.dtype = DTYPES[dtype]
         self.device = torch.device("cuda", torch.cuda.current_device()) if runtime.CUDA else torch.device("cpu")
         self.use_te = te_available()
-        runtime.init_model_parallel(runtime.ParallelLayout(tp=tp, pp=pp), seed)
-        self.tp, self.pp = tp, pp
+        runtime.init_model_parallel(runtime.ParallelLayout(tp=tp, pp=pp, cp=cp), seed)
+        self.tp, self.pp, self.cp = tp, pp, cp
+        self.cp_group = ps.get_context_parallel_group() if cp > 1 else None
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.dp = ps.get_data_parallel_world_size()
@@ -71,7 +97,7 @@ class Actor:
         self.layer_offset = self.pp_rank * self.layers_per_stage
 
         with runtime.megatron_device_compat():
-            self.config = transformer_config(shape, dtype=self.dtype, tp=tp, pp=pp)
+            self.config = transformer_config(shape, dtype=self.dtype, tp=tp, pp=pp, cp=cp)
             model = build_gpt_model(
                 shape,
                 self.config,
@@ -235,9 +261,12 @@ class Actor:
         unit = self.dp * self.micro_batch_size
         return int(math.ceil(batch_size / unit) * unit)
 
-    def _local_microbatches(self, batch: dict) -> tuple[list[dict], int]:
+    def _local_microbatches(self, batch: dict, *, group_size: int | None = None) -> tuple[list[dict], int]:
         """Pads rows to a multiple of dp * micro_batch_size (padding rows have loss_mask 0), takes this
-        rank's contiguous slice, and cuts it into micro-batches."""
+        rank's contiguous slice, and cuts it into micro-batches. With a token budget, packed
+        micro-batches instead (see _packed_microbatches)."""
+        if self.max_tokens_per_micro_batch is not None:
+            return self._packed_microbatches(batch, group_size=group_size or 1)
         rows = batch["tokens"].shape[0]
         total = self._padded_rows(rows)
         padded = {}
@@ -254,9 +283,45 @@ class Actor:
         ]
         return micro, total
 
-    def _run(self, micro: list[dict], loss_func_for: Callable[[dict], Callable], *, forward_only: bool) -> list[dict]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+    def _packed_microbatches(self, batch: dict, *, group_size: int) -> tuple[list[dict], int]:
+        """Whole rows (whole groups of `group_size` rows) packed into THD micro-batches of at most
+        max_tokens_per_micro_batch tokens, balanced over data-parallel ranks (data.batching.plan_packing).
 
+        Each micro-batch dict holds its rows' ordinary [n, S] tensors (what loss functions read) and,
+        under "packed", the model's stream (model.packed_stream). Row lengths come from loss_mask when
+        given (tokens past the last scored label are not needed), else the full width S. Returns the
+        micro-batches of this rank and the row count after padding (zero rows while fewer rows than
+        data-parallel ranks, as the padded path does)."""
+        from megatron_nft.model.packed_stream import build_stream
+
+        rows, seq_len = batch["tokens"].shape
+        units = -(-rows // group_size)
+        total = max(units, self.dp) * group_size
+        if total > rows:
+            batch = {k: torch.cat([v, torch.zeros((total - rows, *v.shape[1:]), dtype=v.dtype)]) for k, v in batch.items()}
+        lengths = needed_lengths(batch["loss_mask"]) if "loss_mask" in batch else [seq_len] * total
+        plan = plan_packing(
+            lengths,
+            max_tokens=self.max_tokens_per_micro_batch,
+            dp=self.dp,
+            align=sequence_alignment(tp=self.tp, cp=self.cp, fp8=False),
+            group_size=group_size,
+        )[self.dp_rank]
+        if self.pp > 1:
+            # pipeline stages exchange activations of one fixed shape: pad every stream to the longest
+            longest = max(m.total_tokens for m in plan)
+            plan = [m.padded_to(longest) for m in plan]
+        micro = []
+        for packed in plan:
+            index = torch.tensor(packed.rows)
+            mb = {k: v[index].to(self.device) for k, v in batch.items()}
+            mb["packed"] = build_stream(packed, batch["tokens"][index], cp_group=self.cp_group, device=self.device)
+            micro.append(mb)
+        return micro, total
+
+    def _run(self, micro: list[dict], loss_func_for: Callable[[dict], Callable], *, forward_only: bool) -> list[dict]:
+        if "packed" in micro[0]:
+            return self._run_packed(micro, loss_func_for, forward_only=forward_only)
         seq_len = micro[0]["tokens"].shape[1]
         causal = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=self.device), diagonal=1)
         causal = causal[None, None]  # Megatron's convention: True = masked out
@@ -275,28 +340,72 @@ class Actor:
             )
             return output, loss_func_for(mb)
 
+        return self._schedule(forward_step, micro, seq_length=seq_len, micro_batch_size=self.micro_batch_size, forward_only=forward_only)
+
+    def _schedule(self, forward_step, micro: list[dict], *, seq_length: int, micro_batch_size: int, forward_only: bool) -> list[dict]:
+        """Megatron's forward/backward schedule (pipelined when PP > 1) over the micro-batches."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
         with runtime.megatron_device_compat():
             return get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=iter(micro),
                 model=[self.model],
                 num_microbatches=len(micro),
-                seq_length=seq_len,
-                micro_batch_size=self.micro_batch_size,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
                 forward_only=forward_only,
             )
 
+    def _run_packed(self, micro: list[dict], loss_func_for: Callable[[dict], Callable], *, forward_only: bool) -> list[dict]:
+        """_run on packed micro-batches: the model sees one THD stream ([1, T/cp] tokens with
+        PackedSeqParams), and each micro-batch's per-token outputs are put back to its rows' [n, S]
+        layout before its loss function sees them, so loss functions are the same in both paths."""
+        seq_len = micro[0]["tokens"].shape[1]
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            stream = mb["packed"]
+            output = model(
+                stream.tokens,
+                stream.positions,
+                None,  # the document mask comes from packed_seq_params
+                labels=stream.labels,
+                packed_seq_params=stream.params,
+                output_processor=self._logprob_processor,
+            )
+            loss_func = loss_func_for(mb)
+            return output, lambda out: loss_func(stream.rows(out, seq_len))
+
+        # one stream per micro-batch; its full length (the schedule divides by cp itself)
+        total = micro[0]["packed"].total_tokens
+        return self._schedule(forward_step, micro, seq_length=total, micro_batch_size=1, forward_only=forward_only)
+
     def _logprob_processor(self, *, hidden_states, output_layer, output_weight, labels, **_):
-        """Replaces GPTModel's loss on the last stage: per-token log-probs and entropy, [b, s] each."""
-        logits, _ = output_layer(hidden_states, weight=output_weight)
-        logits = mask_vocab_padding(logits, self.shape.vocab_size, self.tp_rank)
+        """Replaces GPTModel's loss on the last stage: per-token log-probs and entropy, [b, s] each.
+
+        Bypasses output_layer's forward: model.logprobs.token_logprobs goes from the hidden states and
+        this rank's vocab slice of the weight to both, token chunk by chunk, never holding [s*b, V/TP]
+        logits, and all-reduces the hidden states' gradient over TP itself (the job of the layer's
+        copy_to_tensor_model_parallel_region, for hidden states replicated over TP)."""
         from megatron.core import parallel_state as ps
 
-        tp_group = ps.get_tensor_model_parallel_group() if self.tp > 1 else None
-        scaled = logits.float() / self.temperature
-        entropy = vocab_parallel_entropy(scaled, tp_group)
-        logprobs = vocab_parallel_logprobs(scaled, labels.transpose(0, 1).contiguous())
-        return torch.stack([logprobs.transpose(0, 1), entropy.transpose(0, 1).to(logprobs.dtype)], dim=0)
+        from megatron_nft.model.logprobs import token_logprobs
+
+        if output_layer.sequence_parallel:
+            raise NotImplementedError("fused log-probs under sequence parallel (hidden states split over TP)")
+        s, b, h = hidden_states.shape
+        logprobs, entropy = token_logprobs(
+            hidden_states.reshape(s * b, h),
+            output_weight if output_weight is not None else output_layer.weight,
+            labels.transpose(0, 1).reshape(s * b),
+            tp_group=ps.get_tensor_model_parallel_group() if self.tp > 1 else None,
+            temperature=self.temperature,
+            with_entropy=True,
+            vocab_size=self.shape.vocab_size,
+        )
+        # Entropy is a metric here: detached, so the backward skips its gradient term.
+        return torch.stack([logprobs.view(s, b).t(), entropy.detach().view(s, b).t()], dim=0)
 
     def _broadcast_from_last_stage(self, tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
         from megatron.core import parallel_state as ps
@@ -317,12 +426,29 @@ class Actor:
         dist.all_gather(parts, local.contiguous(), group=ps.get_data_parallel_group())
         return torch.cat(parts, dim=dim)
 
+    def _packed_rows_everywhere(self, outputs: list[dict], micro: list[dict], total: int, seq_len: int) -> torch.Tensor:
+        """[2, total, S] on every rank from each rank's packed micro-batch outputs, put back at their
+        batch rows. Data-parallel ranks hold disjoint rows (zeros elsewhere): a sum assembles them."""
+        from megatron.core import parallel_state as ps
+
+        full = torch.zeros((2, total, seq_len), dtype=torch.float32, device=self.device)
+        if self.last_stage:
+            for mb, out in zip(micro, outputs):
+                full[:, torch.tensor(mb["packed"].micro.rows, device=self.device)] = out["logprobs_entropy"].float()
+        full = self._broadcast_from_last_stage(full, full.shape, full.dtype)
+        if self.dp > 1:
+            dist.all_reduce(full, group=ps.get_data_parallel_group())
+        return full
+
     @torch.no_grad()
     def compute_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs and entropies [B, S] under the current weights, on every rank."""
+        """Per-token log-probs and entropies [B, S] under the current weights, on every rank.
+
+        With packed micro-batches, a `loss_mask` in the batch lets each row stop at its last scored
+        label (positions past it come back 0); without one, rows are packed at full width."""
         self.model.eval()
         rows, seq_len = batch["tokens"].shape
-        micro, total = self._local_microbatches({"tokens": batch["tokens"]})
+        micro, total = self._local_microbatches({k: batch[k] for k in ("tokens", "loss_mask") if k in batch})
 
         def loss_func_for(mb):
             def collect(output):
@@ -331,9 +457,12 @@ class Actor:
             return collect
 
         outputs = self._run(micro, loss_func_for, forward_only=True)
-        local = torch.cat([o["logprobs_entropy"] for o in outputs], dim=1) if self.last_stage else None
-        local = self._broadcast_from_last_stage(local, (2, total // self.dp, seq_len), torch.float32)
-        full = self._gather_dp(local, dim=1)[:, :rows].cpu()
+        if "packed" in micro[0]:
+            full = self._packed_rows_everywhere(outputs, micro, total, seq_len)[:, :rows].cpu()
+        else:
+            local = torch.cat([o["logprobs_entropy"] for o in outputs], dim=1) if self.last_stage else None
+            local = self._broadcast_from_last_stage(local, (2, total // self.dp, seq_len), torch.float32)
+            full = self._gather_dp(local, dim=1)[:, :rows].cpu()
         full[:, :, -1] = 0.0
         return full[0], full[1]
 
@@ -359,13 +488,17 @@ class Actor:
             norm = max(float(batch["loss_mask"].sum()), 1.0)
         else:
             norm = max(float(self._groups_with_tokens(batch["loss_mask"], group_size)), 1.0)
-        if algo.name == "infonca" and (group_size is None or self.micro_batch_size % group_size):
+        packed = self.max_tokens_per_micro_batch is not None  # the packer keeps groups whole itself
+        if algo.name == "infonca" and (group_size is None or (not packed and self.micro_batch_size % group_size)):
             raise ValueError(
                 f"infonca needs whole groups per micro-batch: micro_batch_size={self.micro_batch_size} must be a "
                 f"multiple of group_size={group_size}"
             )
         keys = ["tokens", "loss_mask", "old_logprobs", "rewards", "correct_rate"] + (["reward_std"] if "reward_std" in batch else [])
-        micro, _ = self._local_microbatches({k: batch[k] for k in keys})
+        # Only InfoNCA's loss contrasts a prompt's rows, so only it makes packing keep groups whole
+        # (a whole group must then fit parallel.max_tokens_per_micro_batch).
+        whole_groups = group_size if algo.name == "infonca" else None
+        micro, _ = self._local_microbatches({k: batch[k] for k in keys}, group_size=whole_groups)
         # Megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP
         # averages gradients over data-parallel ranks; undo both so the gradient is that of the
         # minibatch loss itself, whatever the micro-batching and parallel layout.
@@ -414,9 +547,46 @@ class Actor:
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             outputs = self._run(micro, loss_func_for, forward_only=False)
-            update_ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
-        self.steps += 1
+        totals, maxima = self._reduce_step_stats(outputs)
+        # A non-finite loss or gradient skips the update on every rank (they all see the same totals and
+        # the same all-reduced gradient check), as Megatron-LM skips an fp16 step that overflowed; the
+        # scheduler does not advance either. The caller decides when too many skips end the run.
+        finite = math.isfinite(totals["loss"]) and self._grads_finite()
+        update_ok, grad_norm = False, float("nan")
+        if finite:
+            with runtime.megatron_device_compat():
+                update_ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            self.steps += 1
+        tokens = max(totals["tokens"], 1.0)
+        return {
+            "loss": totals["loss"],
+            "entropy": totals["entropy_sum"] / tokens,
+            "ratio_mean": totals["ratio_sum"] / tokens,
+            "ratio_min": -maxima["neg_ratio_min"],
+            "ratio_max": maxima["ratio_max"],
+            "neg_floor_frac": totals["neg_floor_tokens"] / max(totals["neg_tokens"], 1.0),
+            "clip_frac": totals["clip_tokens"] / tokens,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "update_ok": bool(update_ok),
+            "nonfinite": not finite,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens": totals["tokens"],
+        }
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient on every rank is finite (one all-reduce over the world)."""
+        bad = torch.zeros(1, device=self.device)
+        for buffer in self.model.buffers:
+            if not torch.isfinite(buffer.grad_data).all():
+                bad += 1
+        if dist.is_initialized():
+            dist.all_reduce(bad)
+        return bad.item() == 0
+
+    def _reduce_step_stats(self, outputs: list[dict]) -> tuple[dict, dict]:
+        """The micro-batches' loss stats summed (and maxed) over micro-batches and data-parallel ranks,
+        the same on every rank."""
         keys = ["loss", "entropy_sum", "tokens", "ratio_sum", "neg_tokens", "neg_floor_tokens", "clip_tokens"]
         max_keys = ["neg_ratio_min", "ratio_max"]
         local = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
@@ -434,22 +604,7 @@ class Actor:
 
             dist.all_reduce(local, group=ps.get_data_parallel_group())
             dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-        totals = dict(zip(keys, local.tolist()))
-        maxima = dict(zip(max_keys, local_max.tolist()))
-        tokens = max(totals["tokens"], 1.0)
-        return {
-            "loss": totals["loss"],
-            "entropy": totals["entropy_sum"] / tokens,
-            "ratio_mean": totals["ratio_sum"] / tokens,
-            "ratio_min": -maxima["neg_ratio_min"],
-            "ratio_max": maxima["ratio_max"],
-            "neg_floor_frac": totals["neg_floor_tokens"] / max(totals["neg_tokens"], 1.0),
-            "clip_frac": totals["clip_tokens"] / tokens,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "update_ok": bool(update_ok),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens": totals["tokens"],
-        }
+        return dict(zip(keys, local.tolist())), dict(zip(max_keys, local_max.tolist()))
 
     # ------------------------------------------------------------------------------------------------
     # checkpoints (megatron-core dist_checkpointing, torch_dist format: loadable at another TP/PP)

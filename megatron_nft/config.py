@@ -18,7 +18,10 @@ from megatron_nft.reward import ANSWER_FORMATS
 
 TEMPLATES = ("dapo", "boxed", "raw")
 DTYPES = ("fp32", "bf16", "fp16")
-ENGINES = ("local",)
+# local: the CPU engine in the trainer process; local_http: that engine behind SGLang's HTTP API in
+# server processes; sglang: SGLang servers (GPU). See megatron_nft.rollout.make_engine.
+ENGINES = ("local", "local_http", "sglang")
+WEIGHT_TRANSPORTS = ("disk", "nccl", "cuda_ipc")
 TASKS = ("arithmetic", "jsonl")
 
 
@@ -117,6 +120,22 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 3584
+    # HTTP engines (local_http, sglang): attach to `urls`, or launch `num_servers` when it is empty
+    urls: list[str] = field(default_factory=list)
+    num_servers: int = 1
+    server_tp_size: int = 1  # sglang --tp-size (GPUs per server)
+    server_mem_fraction: float = 0.8  # sglang --mem-fraction-static
+    server_base_port: int = 0  # 0: free ports
+    server_args: list[str] = field(default_factory=list)  # extra launch flags, passed through
+    server_start_timeout_s: float = 1800.0
+    max_concurrency: int = 64  # /generate requests in flight per server
+    request_timeout_s: float = 3600.0  # per-request deadline; then retried, then the server dropped
+    max_retries: int = 3
+    weight_transport: str = choice("disk", WEIGHT_TRANSPORTS)
+    weight_sync_dir: str | None = None  # disk transport; None: <run.dir>/weight_sync (must be shared)
+    weight_bucket_mb: int = 512
+    nccl_master_address: str = "127.0.0.1"  # nccl transport: this trainer's address as servers see it
+    nccl_master_port: int = 0  # 0: a free port
 
 
 @dataclass
@@ -312,6 +331,18 @@ def validate(cfg: TrainConfig) -> None:
     _require(r.temperature > 0, f"rollout.temperature={r.temperature}: must be > 0")
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p}: must be in (0, 1]")
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    _require(r.num_servers >= 1, f"rollout.num_servers={r.num_servers}: must be >= 1")
+    _require(r.server_tp_size >= 1, f"rollout.server_tp_size={r.server_tp_size}: must be >= 1")
+    _require(0 < r.server_mem_fraction < 1, f"rollout.server_mem_fraction={r.server_mem_fraction}: must be in (0, 1)")
+    _require(r.max_concurrency >= 1, f"rollout.max_concurrency={r.max_concurrency}: must be >= 1")
+    _require(r.request_timeout_s > 0, f"rollout.request_timeout_s={r.request_timeout_s}: must be > 0")
+    _require(r.max_retries >= 0, f"rollout.max_retries={r.max_retries}: must be >= 0")
+    _require(r.weight_bucket_mb >= 1, f"rollout.weight_bucket_mb={r.weight_bucket_mb}: must be >= 1")
+    for url in r.urls:
+        _require(url.startswith(("http://", "https://")), f"rollout.urls: {url!r} is not an http(s):// URL")
+    _require(not (r.urls and r.engine == "local"), "rollout.urls needs rollout.engine=local_http or sglang")
+    _require(r.weight_transport == "disk" or r.engine == "sglang",
+             f"rollout.weight_transport={r.weight_transport}: only rollout.engine=sglang (GPU servers) takes it; use disk")
     _require(a.num_minibatches >= 1, "algo.num_minibatches must be >= 1")
     _require(r.prompts_per_step % a.num_minibatches == 0, f"algo.num_minibatches={a.num_minibatches} must divide rollout.prompts_per_step={r.prompts_per_step}")
     _require(a.eps > 0, f"algo.eps={a.eps}: must be > 0")
@@ -353,7 +384,7 @@ def _validate_algorithm_combination(cfg: TrainConfig) -> None:
         _require(a.target_temperature >= 0, f"algo.target_temperature={a.target_temperature}: must be >= 0")
         k, mbs = r.samples_per_prompt, cfg.parallel.micro_batch_size
         _require(
-            mbs % k == 0,
+            mbs % k == 0 or cfg.parallel.max_tokens_per_micro_batch is not None,  # packing keeps groups whole
             f"parallel.micro_batch_size={mbs}: algo.name=infonca needs each prompt's {k} answers in one micro-batch, "
             f"so it must be a multiple of rollout.samples_per_prompt={k}",
         )

@@ -17,3 +17,10 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or run directory is missing, incomplete, or would be overwritten."""
+
+
+class TrainingDiverged(UserError):
+    """Too many updates in a row had a non-finite loss or gradient; the message names the step and
+    where the offending batch was saved."""
+
+    exit_code = 3

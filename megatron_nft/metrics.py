@@ -65,6 +65,18 @@ def read_metrics(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keeps the rows up to `last_step` (a resumed run re-logs the steps after its checkpoint);
+    rewritten to a temporary file and renamed."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 def plot_run(metrics_path: Path, out_png: Path) -> Path:
     """Reward, held-out accuracy, entropy and response length against step, one panel each."""
     import matplotlib

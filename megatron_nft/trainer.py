@@ -9,16 +9,21 @@ rank 0 and broadcast, so all ranks feed Megatron the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import signal
+import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megatron_nft import checkpointing
 from megatron_nft.actor import Actor
-from megatron_nft.algorithms import dynamic_sampling_keep, group_correct_rate, group_reward_std
+from megatron_nft.algorithms import dynamic_sampling_keep, group_correct_rate, group_reward_std, truncated_is_weights
 from megatron_nft.config import TrainConfig
 from megatron_nft.data.batching import pack_rows, select_rows
 from megatron_nft.reward import apply_truncation, shape_overlong
@@ -61,8 +66,14 @@ class Scorer:
         return apply_truncation(self.grader.score(texts, golds), [c.finish_reason == "length" for c in completions])
 
 
+def step_seed(run_seed: int, step: int, purpose: str) -> int:
+    """The sampling seed of one generation call, fixed by (run seed, step, purpose): a run resumed from a
+    checkpoint draws the same answers as one that never stopped."""
+    return zlib.crc32(f"{run_seed}:{step}:{purpose}".encode())
+
+
 def collect_rollouts(
-    cfg: TrainConfig, engine: RolloutEngine, scorer: Scorer, next_prompts, sampling: SamplingParams
+    cfg: TrainConfig, engine: RolloutEngine, scorer: Scorer, next_prompts, sampling: SamplingParams, step: int = 0
 ) -> StepRollout:
     """DAPO dynamic sampling: generate rounds of `gen_prompts` prompts until `prompts_per_step` mixed
     groups are kept or `max_num_gen_batches` rounds are spent, then truncate to the train batch."""
@@ -76,7 +87,8 @@ def collect_rollouts(
     while len(out.prompts) < r.prompts_per_step and rounds < r.max_num_gen_batches:
         rounds += 1
         prompts: list[Prompt] = next_prompts(round_size)
-        completions = engine.generate([p.ids for p in prompts], sampling)
+        params = dataclasses.replace(sampling, seed=step_seed(cfg.run.seed, step, f"rollout-{rounds}"))
+        completions = engine.generate([p.ids for p in prompts], params)
         golds = [p.answer for p in prompts for _ in range(k)]
         rewards = scorer(completions, golds)
         generated += len(completions)
@@ -135,21 +147,31 @@ def rollout_batch(rollout: StepRollout, k: int, rewards: list[float]) -> dict:
 
 def evaluate(engine: RolloutEngine, scorer: Scorer, prompts: list[Prompt], samples: int, sampling: SamplingParams) -> float:
     """avg@k accuracy: the mean score over `samples` answers per held-out prompt."""
-    params = SamplingParams(**{**sampling.__dict__, "n": samples})
+    params = dataclasses.replace(sampling, n=samples)
     completions = engine.generate([p.ids for p in prompts], params)
     scores = scorer(completions, [p.answer for p in prompts for _ in range(samples)])
     return sum(scores) / max(len(scores), 1)
 
 
-def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> dict:
-    """Old log-probs, then `num_minibatches` optimizer steps over whole groups."""
+def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> tuple[dict, list[bool]]:
+    """Old log-probs, then `num_minibatches` optimizer steps over whole groups. Returns the step's
+    metrics and, per minibatch, whether its loss or gradient was non-finite (its update skipped)."""
     k = cfg.rollout.samples_per_prompt
     rewards = training_rewards(cfg, rollout)
     batch = rollout_batch(rollout, k, rewards)
-    old_logprobs, _ = actor.compute_logprobs({"tokens": batch["tokens"]})
+    # the loss mask tells the packed path how much of each row it needs
+    old_logprobs, _ = actor.compute_logprobs({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]})
     batch["old_logprobs"] = old_logprobs
     mask = batch["loss_mask"].bool()
-    metrics = {
+    metrics = {}
+    if cfg.algo.tis_cap is not None:
+        # token-level truncated importance sampling: the answers were sampled from the rollout engine's
+        # π, the loss is written for the actor's π_old; weight each token by their ratio, capped.
+        weight = truncated_is_weights(old_logprobs, batch["rollout_logprobs"], mask, cfg.algo.tis_cap)
+        batch["loss_mask"] = batch["loss_mask"] * weight
+        metrics["actor/tis_weight_mean"] = weight[mask].mean().item()
+        metrics["actor/tis_capped_frac"] = (weight[mask] >= cfg.algo.tis_cap).float().mean().item()
+    metrics |= {
         "actor/rollout_logprob_abs_diff": (old_logprobs - batch["rollout_logprobs"]).abs()[mask].mean().item(),
         "train/reward": sum(rewards) / max(len(rewards), 1),
         "train/accuracy": sum(rollout.rewards) / max(len(rollout.rewards), 1),
@@ -169,7 +191,8 @@ def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> di
     metrics["actor/loss_first_minibatch"] = step_metrics[0]["loss"]
     metrics["actor/minibatches"] = len(step_metrics)
     metrics["actor/skipped_updates"] = sum(not m["update_ok"] for m in step_metrics)
-    return metrics
+    metrics["actor/nonfinite_updates"] = sum(m["nonfinite"] for m in step_metrics)
+    return metrics, [m["nonfinite"] for m in step_metrics]
 
 
 def sync_weights(actor: Actor, engine: RolloutEngine | None, version: int) -> float:
@@ -241,52 +264,45 @@ def load_prompts(cfg: TrainConfig, tokenizer, context_len: int) -> tuple[list[Pr
     return encode(train_rows), encode(eval_rows)
 
 
-def _checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (the manifest is written last), oldest first."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / "manifest.json").is_file())
+class StopRequested:
+    """SIGTERM (Slurm's pre-emption, a scheduler's time limit) sets a flag; the loop finishes its step,
+    writes a checkpoint and returns. Ranks agree on the flag with one all-reduce per step."""
 
+    def __init__(self):
+        self.requested = False
+        self._previous = None
 
-def save_checkpoint(run_dir: Path, actor: Actor, step: int, trainer_state: dict) -> Path:
-    """Written to a temporary directory and renamed; the manifest goes last so that a half-written
-    checkpoint is never mistaken for a complete one."""
-    import json
-    import shutil
+    def install(self) -> "StopRequested":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, never requested
+            self._previous = None
+        return self
 
-    final = run_dir / "checkpoints" / f"step_{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if is_main_rank():
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "actor").mkdir(parents=True)
-    if dist.is_initialized():
-        dist.barrier()
-    actor.save_checkpoint(tmp / "actor")
-    if is_main_rank():
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-        (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": ["actor", "trainer_state.json"]}))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.replace(final)
-    if dist.is_initialized():
-        dist.barrier()
-    return final
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     """Runs (or resumes) a training run described by `cfg`; returns the final metrics."""
-    import json
-    import random
-
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from megatron_nft import runtime
     from megatron_nft.config import to_yaml
     from megatron_nft.data.prompts import PromptCursor
-    from megatron_nft.metrics import MetricsLogger, plot_run
+    from megatron_nft.errors import TrainingDiverged
+    from megatron_nft.metrics import MetricsLogger, plot_run, truncate_metrics
     from megatron_nft.model.hf_io import hf_tensor_reader, load_hf_config, save_hf_checkpoint
     from megatron_nft.model.qwen2 import shape_from_hf
     from megatron_nft.reward import GradingPool
@@ -313,17 +329,18 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         total_steps=max(cfg.run.steps * cfg.algo.num_minibatches, 1),
         temperature=cfg.rollout.temperature,
         seed=cfg.run.seed,
+        cp=cfg.parallel.cp,
+        max_tokens_per_micro_batch=cfg.parallel.max_tokens_per_micro_batch,
     )
     cursor = PromptCursor(train_prompts, seed=cfg.run.seed)
     start_step = 0
-    checkpoints = _checkpoint_dirs(run_dir)
-    if cfg.run.resume and checkpoints:
-        latest = checkpoints[-1]
-        actor.load_checkpoint(latest / "actor")
-        state = json.loads((latest / "trainer_state.json").read_text())
+    resumed = checkpointing.load_latest(run_dir, actor) if cfg.run.resume else None
+    if resumed is not None:
+        _, state = resumed
         start_step = state["step"]
         cursor.load_state_dict(state["cursor"])
-        random.seed(state["seed"])
+        if main:
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
     elif cfg.model.megatron_ckpt:
         if not (Path(cfg.model.megatron_ckpt) / "metadata.json").is_file():
             from megatron_nft.errors import CheckpointError
@@ -352,11 +369,14 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     def run_eval(step: int) -> float | None:
         if not eval_prompts:
             return None
-        acc = evaluate(engine, scorer, eval_prompts, cfg.eval.samples, eval_sampling) if main else None
+        params = dataclasses.replace(eval_sampling, seed=step_seed(cfg.run.seed, step, "eval"))
+        acc = evaluate(engine, scorer, eval_prompts, cfg.eval.samples, params) if main else None
         return broadcast_object(acc)
 
     final: dict = {}
     last_accuracy = float("nan")
+    nonfinite_streak = 0
+    stop = StopRequested().install()
     try:
         if start_step == 0:
             acc = run_eval(0)
@@ -371,12 +391,24 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         bar = tqdm(range(start_step, cfg.run.steps), desc=cfg.algo.name.upper(), disable=quiet or not main, initial=start_step, total=cfg.run.steps)
         for step in bar:
             t0 = time.perf_counter()
-            rollout = collect_rollouts(cfg, engine, scorer, cursor.next_batch, sampling) if main else None
+            rollout = collect_rollouts(cfg, engine, scorer, cursor.next_batch, sampling, step) if main else None
             rollout = broadcast_object(rollout)
             t_rollout = time.perf_counter() - t0
             metrics = dict(rollout.metrics)
             if rollout.prompts:
-                metrics.update(train_on_rollout(actor, cfg, rollout))
+                step_metrics, nonfinite = train_on_rollout(actor, cfg, rollout)
+                metrics.update(step_metrics)
+                for flag in nonfinite:
+                    nonfinite_streak = nonfinite_streak + 1 if flag else 0
+                    if nonfinite_streak >= cfg.run.max_nonfinite_updates:
+                        saved = run_dir / f"nonfinite_step_{step + 1:06d}.pt"
+                        if main:
+                            torch.save({"prompts": rollout.prompts, "completions": rollout.completions, "rewards": rollout.rewards}, saved)
+                        logger.log(step + 1, metrics)
+                        raise TrainingDiverged(
+                            f"step {step + 1}: {nonfinite_streak} minibatch updates in a row had a non-finite loss or "
+                            f"gradient (updates skipped); the last step's batch is saved in {saved}"
+                        )
             else:
                 metrics["actor/skipped_step_no_mixed_groups"] = 1
             metrics["time/sync_s"] = sync_weights(actor, engine, version=step + 1)
@@ -391,10 +423,16 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
             if metrics.get("eval/accuracy") is not None:
                 last_accuracy = metrics["eval/accuracy"]
             bar.set_postfix(reward=f"{metrics['rollout/reward']:.2f}", heldout_acc=f"{last_accuracy:.2f}")
-            if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or last:
-                state = {"step": step + 1, "cursor": cursor.state_dict(), "seed": random.random()}
-                save_checkpoint(run_dir, actor, step + 1, state)
+            stopping = stop.agreed()
+            if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or last or stopping:
+                checkpointing.save(run_dir, actor, step + 1, {"step": step + 1, "cursor": cursor.state_dict()})
             final = {**final, **metrics}
+            if stopping and not last:
+                if main:
+                    print(f"megatron-nft: SIGTERM: stopped after step {step + 1} with a checkpoint; "
+                          f"continue with run.resume=true", file=sys.stderr)
+                final["stopped_at"] = step + 1
+                return final
         if cfg.run.steps == start_step and start_step == 0:
             final["eval/accuracy"] = final.get("eval/accuracy_before")
         # an HF export of the final policy, loadable by transformers and SGLang
@@ -408,6 +446,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         if main:
             plot_run(logger.path, run_dir / "curves.png")
     finally:
+        stop.uninstall()
         logger.close()
         if grader is not None:
             grader.close()

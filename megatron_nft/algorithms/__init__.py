@@ -23,6 +23,7 @@ from megatron_nft.algorithms.losses import (
     advantages,
     infonca_targets,
     policy_loss,
+    truncated_is_weights,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "infonca_targets",
     "policy_loss",
     "prompt_weights",
+    "truncated_is_weights",
 ]

@@ -78,6 +78,16 @@ def infonca_targets(rewards: Tensor, temperature: float) -> Tensor:
     return best / best.sum(dim=-1, keepdim=True)
 
 
+def truncated_is_weights(actor_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Token-level truncated importance sampling (TIS): min(π_old_actor / π_rollout, cap) per token, 0
+    where mask is 0. The answers were sampled by the rollout engine; the loss is written for the
+    actor's π_old: these weights correct the difference (bf16 vs fp32 kernels, stale weights)."""
+    _check_number("cap", cap, low=0.0, low_inclusive=False)
+    valid = mask if mask.dtype == torch.bool else mask > 0
+    log_ratio = torch.where(valid, actor_logprobs.detach() - rollout_logprobs.detach(), 0.0)
+    return torch.where(valid, torch.exp(log_ratio).clamp(max=cap), 0.0)
+
+
 def _check_number(name: str, value: float, *, low: float, low_inclusive: bool, high: float = math.inf) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= low if low_inclusive else value > low) and value < high

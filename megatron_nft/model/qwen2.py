@@ -170,7 +170,13 @@ def layer_spec(use_te: bool):
         return get_gpt_layer_with_transformer_engine_spec()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    from megatron_nft.model.attention import SdpaAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # Megatron's local DotProductAttention refuses packed (THD) sequences and context parallel;
+    # SdpaAttention does both, and equals it on padded rows (tests/test_packing.py).
+    spec.submodules.self_attention.submodules.core_attention = SdpaAttention
+    return spec
 
 
 def build_gpt_model(shape: Qwen2Shape, config, *, tp: int, use_te: bool, pre_process: bool, post_process: bool):
