@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml scripts/find-python312.sh
 	  "$$PY312" -m venv $(VENV); \
 	fi; \
 	$(PY) -m pip install --quiet --upgrade pip; \
-	$(PY) -m pip install --quiet --progress-bar on -e '.[test]'; \
+	$(PY) -m pip install --quiet --progress-bar on -e '.[test,launch]'; \
+	$(PY) -m pip install --quiet --no-deps sglang==0.5.23; \
 	touch $(STAMP)
 
 setup: $(STAMP)

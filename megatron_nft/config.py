@@ -127,6 +127,7 @@ class RolloutConfig:
     server_mem_fraction: float = 0.8  # sglang --mem-fraction-static
     server_base_port: int = 0  # 0: free ports
     server_args: list[str] = field(default_factory=list)  # extra launch flags, passed through
+    sglang_python: str | None = None  # interpreter with sglang (the image's /opt/sglang/bin/python); None: this one
     server_start_timeout_s: float = 1800.0
     max_concurrency: int = 64  # /generate requests in flight per server
     request_timeout_s: float = 3600.0  # per-request deadline; then retried, then the server dropped

@@ -306,7 +306,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     from megatron_nft.model.hf_io import hf_tensor_reader, load_hf_config, save_hf_checkpoint
     from megatron_nft.model.qwen2 import shape_from_hf
     from megatron_nft.reward import GradingPool
-    from megatron_nft.rollout.local import LocalEngine
+    from megatron_nft.rollout import make_engine
 
     runtime.init_process_group()
     run_dir = Path(cfg.run.dir)  # prepared by the caller (prepare_run_dir)
@@ -360,7 +360,11 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
         stop_token_ids=sampling.stop_token_ids, n=cfg.eval.samples,
     )
-    engine = LocalEngine(hf_config, seed=cfg.run.seed + start_step) if main else None
+    engine = (
+        make_engine(cfg.rollout, hf_config=hf_config, model_path=cfg.model.hf_path, run_dir=run_dir,
+                    seed=cfg.run.seed + start_step, progress=not quiet)
+        if main else None
+    )
     grader = GradingPool(answer_format=cfg.reward.answer_format, timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers) if main else None
     scorer = Scorer(tokenizer, grader) if main else None
     logger = MetricsLogger(run_dir, enabled=main, append=start_step > 0)
@@ -447,6 +451,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
             plot_run(logger.path, run_dir / "curves.png")
     finally:
         stop.uninstall()
+        if engine is not None:
+            engine.close()  # stops the servers it launched
         logger.close()
         if grader is not None:
             grader.close()

@@ -99,6 +99,22 @@ def test_train_starts_from_a_converted_megatron_checkpoint(demo_run, tmp_path):
     assert step1["actor/rollout_logprob_abs_diff"] < 1e-4
 
 
+def test_train_through_the_sglang_http_client_on_local_servers(demo_run, tmp_path):
+    """rollout.engine=local_http: the trainer drives two server processes through the SGLang client
+    code path (HTTP /generate, weight sync by disk + /update_weights_from_disk, version stamps); the
+    servers start from dummy weights, so equal log-probs prove the actor's weights reached them."""
+    run = tmp_path / "http"
+    code = main(
+        ["train", "--recipe", str(demo_run / "config.yaml"), f"model.hf_path={demo_run / 'base'}", f"run.dir={run}",
+         "run.steps=1", "run.resume=false", "rollout.engine=local_http", "rollout.num_servers=2", "--quiet"]
+    )
+    assert code == 0
+    step1 = rows(run)[1]
+    assert step1["actor/rollout_logprob_abs_diff"] < 1e-4
+    assert step1["rollout/groups_kept"] > 0
+    assert not list(run.glob("weight_sync/*"))  # staged weights are cleaned up
+
+
 def test_eval_command_writes_a_resumable_table(demo_run, tmp_path, capsys):
     bench = tmp_path / "arith.jsonl"
     bench.write_text("".join(json.dumps({"q": f"What is {a} + {b}?", "a": str(a + b)}) + "\n" for a, b in [(1, 2), (3, 4), (5, 1)]))

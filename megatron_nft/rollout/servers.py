@@ -1,0 +1,138 @@
+"""Launching rollout servers as child processes: SGLang's (GPU) or the local HTTP server (CPU).
+
+    cmd = sglang_command(model_path, port=30000, tp_size=2, mem_fraction_static=0.8)
+    servers = launch_servers([cmd_0, cmd_1], log_dir, env_per_server=[{"CUDA_VISIBLE_DEVICES": "0,1"}, ...])
+
+Each server gets its own log file (its output is what explains a failed start) and its own process
+group, so that stopping it also stops the workers it spawned (SGLang's scheduler and detokenizer).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_nft.runtime import free_port
+
+
+def _flags(**values) -> list[str]:
+    """`--name value` for each value that is not None (underscores become dashes)."""
+    out: list[str] = []
+    for name, value in values.items():
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
+
+
+def sglang_command(model_path: str, *, port: int, host: str = "127.0.0.1", tp_size: int = 1,
+                   mem_fraction_static: float | None = None, dtype: str | None = None, load_format: str | None = None,
+                   random_seed: int | None = None, extra_args: list[str] = (), python: str = sys.executable) -> list[str]:
+    """`python -m sglang.launch_server ...` for one server (flag names of sglang 0.5.23)."""
+    if not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tp_size must be an integer >= 1, got {tp_size!r}")
+    if mem_fraction_static is not None and not 0 < mem_fraction_static < 1:
+        raise ValueError(f"mem_fraction_static must be in (0, 1), got {mem_fraction_static!r}")
+    flags = _flags(model_path=model_path, host=host, port=port, tp_size=tp_size, mem_fraction_static=mem_fraction_static,
+                   dtype=dtype, load_format=load_format, random_seed=random_seed)
+    return [python, "-m", "sglang.launch_server", *flags, *map(str, extra_args)]
+
+
+def local_server_command(model_path: str, *, port: int, host: str = "127.0.0.1", load_format: str | None = None,
+                         random_seed: int | None = None, threads: int | None = None, extra_args: list[str] = (),
+                         python: str = sys.executable) -> list[str]:
+    """The local HTTP server (megatron_nft.rollout.http_server), with SGLang's flag names."""
+    flags = _flags(model_path=model_path, host=host, port=port, load_format=load_format, random_seed=random_seed,
+                   threads=threads)
+    return [python, "-m", "megatron_nft.rollout.http_server", *flags, *map(str, extra_args)]
+
+
+def gpu_groups(num_servers: int, tp_size: int, visible: str | None = None) -> list[str]:
+    """CUDA_VISIBLE_DEVICES for each server: consecutive groups of `tp_size` devices."""
+    devices = (visible if visible is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "")).split(",")
+    devices = [d.strip() for d in devices if d.strip()]
+    if not devices:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())]
+    need = num_servers * tp_size
+    if len(devices) < need:
+        raise ValueError(f"{num_servers} servers x tp_size {tp_size} need {need} GPUs; {len(devices)} visible")
+    return [",".join(devices[i * tp_size : (i + 1) * tp_size]) for i in range(num_servers)]
+
+
+@dataclass
+class ServerProcess:
+    """A launched server: its URL, process and log file."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def check_alive(self) -> None:
+        """Raises RuntimeError with the end of the log when the process has exited."""
+        code = self.process.poll()
+        if code is not None:
+            raise RuntimeError(f"rollout server {self.url} exited with code {code}; last log lines:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL if it has not exited after `timeout_s`."""
+        if self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the server process (and its group) at once: a crash, as far as clients can tell."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+
+def launch_server(cmd: list[str], url: str, log_path: str | Path, env: dict | None = None) -> ServerProcess:
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                   start_new_session=True)
+    return ServerProcess(url=url, process=process, log_path=log_path)
+
+
+def launch_servers(commands: list[tuple[list[str], str]], log_dir: str | Path, envs: list[dict] | None = None) -> list[ServerProcess]:
+    """Starts every (command, url) pair; on a failure to start, the ones already started are stopped."""
+    started: list[ServerProcess] = []
+    try:
+        for i, (cmd, url) in enumerate(commands):
+            started.append(launch_server(cmd, url, Path(log_dir) / f"server_{i}.log", envs[i] if envs else None))
+    except BaseException:
+        for s in started:
+            s.stop()
+        raise
+    return started
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on this host."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
