@@ -202,8 +202,14 @@ def init_process_group(timeout_minutes: int = 30) -> None:
     """Joins (or creates) the default process group: NCCL with CUDA, gloo without.
 
     Reads torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; a plain `python` process becomes a
-    world of one on a free local port."""
+    world of one with an in-memory store (no port: runs started side by side cannot collide)."""
     if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        dist.init_process_group(
+            backend="nccl" if CUDA else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
