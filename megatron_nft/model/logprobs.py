@@ -60,9 +60,10 @@ def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, tempe
 
 # Tokens per chunk. Each chunk holds one or two fp32 [chunk, V/TP] buffers at a time (V = 152064:
 # 0.6 MB per token each), so 1024 tokens cost ~0.6-1.2 GB per rank on top of the weight gradient.
-# Measured on the 2-core box (bench/logprobs.py, docs/benchmarks.md): at T = 4096 the peak extra
-# memory is well under a quarter of the naive path's; smaller chunks save memory but make the
-# weight-gradient GEMM (whose inner dimension is the chunk) less efficient.
+# Measured on the 2-core box (bench/logprobs.py, docs/benchmarks.md; T = 4096, H = 1536, fp32):
+# peak extra memory / naive's 0.13, 0.16, 0.22 and CPU time / naive's 1.20, 1.08, 1.05 for chunks
+# of 512, 1024, 2048. 1024 keeps memory well under the quarter of naive's we aim for; smaller chunks
+# make the weight-gradient GEMM (whose inner dimension is the chunk) less efficient.
 DEFAULT_CHUNK_SIZE = 1024
 
 
