@@ -1,9 +1,10 @@
-"""`megatron-nft`: demo, train, eval, config.
+"""`megatron-nft`: demo, train, eval, config, plan.
 
     megatron-nft demo                                  # the embedded CPU default (recipes/demo.yaml)
     megatron-nft train --recipe recipes/demo.yaml run.dir=runs/x algo.eps=0.5
     megatron-nft config --recipe recipes/demo.yaml     # print the resolved config and exit
     megatron-nft eval --hf runs/demo/hf --benchmarks data/aime24.jsonl --out runs/demo/eval
+    megatron-nft plan --model qwen2.5-32b --gpus 128 --prompt-len 2048 --response-len 14336
 
 Overrides are `section.key=value` (sections: model, parallel, optim, algo, rollout, data, reward,
 eval, warmup, run). Bad input prints one line naming the problem and exits with status 2.
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
             "  megatron-nft demo run.overwrite=true algo.eps=0.5   # replace runs/demo, other NFT floor\n"
             "  megatron-nft train --recipe my.yaml model.hf_path=/ckpt/Qwen2.5-Math-7B run.dir=runs/x\n"
             "  megatron-nft config --recipe recipes/demo.yaml      # print the resolved config\n"
-            "  megatron-nft eval --hf runs/demo/hf --benchmarks aime24.jsonl --out runs/demo/eval\n\n"
+            "  megatron-nft eval --hf runs/demo/hf --benchmarks aime24.jsonl --out runs/demo/eval\n"
+            "  megatron-nft plan --model qwen2.5-32b --gpus 128 --prompt-len 2048 --response-len 14336\n\n"
             "Overrides are section.key=value; sections: model parallel optim algo rollout data reward eval\n"
             "warmup run. Multi-GPU: torchrun --nproc-per-node N -m megatron_nft.cli train ..."
         ),
@@ -78,6 +80,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--answer-field", default=None, help="for files that are not one of the six benchmarks")
     ev.add_argument("--workers", type=int, default=None, help="grading processes (default: all cores)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from megatron_nft import plan
+
+    pl = sub.add_parser(
+        "plan",
+        help="Per-GPU memory and step time of a run: which TP/PP/CP/DP layouts fit, ranked, every number explained.",
+        description="Per-GPU memory (weights, gradients, optimizer states, activations for the recompute mode, "
+        "log-prob buffers, colocated KV cache) and step time (actor FLOPs at a stated MFU, rollout decode) "
+        "for every parallel layout of --gpus GPUs; the layouts that fit, fastest first. Pure arithmetic: "
+        "formulas in megatron_nft/plan.py.",
+    )
+    plan.add_arguments(pl)
     return parser
 
 
@@ -158,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_nft.errors import UserError
 
     try:
+        if args.command == "plan":
+            from megatron_nft.plan import run as run_plan
+
+            print(run_plan(args))
+            return 0
         if args.command == "eval":
             results = _run_eval(args)
             print(" ".join(f"{name}: {100 * acc:.1f}%" for name, acc in results.items()))

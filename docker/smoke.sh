@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Smoke test of the megatron-nft image: run at the end of `docker build` (no GPU) and, for the full
+# check, in a container with one:  docker run --gpus all --rm IMAGE bash /opt/megatron-nft/docker/smoke.sh
+# Exits non-zero naming the first piece that is missing.
+set -euo pipefail
+
+SGLANG_PYTHON=${SGLANG_PYTHON:-/opt/sglang/bin/python}
+if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then GPU=1; else GPU=0; fi
+
+echo "== megatron-nft CLI"
+megatron-nft --help > /dev/null
+megatron-nft plan --model qwen2.5-32b --gpus 128 --prompt-len 2048 --response-len 14336 > /dev/null
+python -m launch --list > /dev/null
+
+echo "== trainer environment (GPU visible: ${GPU})"
+GPU=${GPU} python - <<'EOF'
+import importlib.metadata as md
+import os
+
+import megatron.core
+import nemo_run
+import math_verify
+import torch
+
+for dist in ("megatron-core", "nemo-run", "leptonai", "math-verify", "transformer_engine", "megatron-nft"):
+    try:
+        print(f"  {dist} {md.version(dist)}")
+    except md.PackageNotFoundError:
+        raise SystemExit(f"smoke: {dist} is not installed")
+print(f"  torch {torch.__version__} (CUDA {torch.version.cuda})")
+if os.environ["GPU"] == "1":
+    # Transformer Engine's PyTorch extension and megatron-core's TE layers need the driver
+    import transformer_engine.pytorch  # noqa: F401
+    from megatron.core.extensions.transformer_engine import TENorm  # noqa: F401
+    from megatron_nft.model.qwen2 import te_available
+
+    assert torch.cuda.is_available(), "smoke: a GPU is visible to nvidia-smi but not to torch"
+    assert te_available(), "smoke: megatron-nft does not see Transformer Engine"
+    print("  Transformer Engine layers: ok")
+else:
+    import transformer_engine  # noqa: F401  (the package; its CUDA extension is checked with a GPU)
+EOF
+
+echo "== SGLang environment (${SGLANG_PYTHON})"
+GPU=${GPU} "${SGLANG_PYTHON}" - <<'EOF'
+import os
+
+import sglang
+import torch
+from sglang.srt.managers.io_struct import GenerateReqInput, UpdateWeightsFromDistributedReqInput  # noqa: F401
+
+print(f"  sglang {sglang.__version__}, torch {torch.__version__}")
+if os.environ["GPU"] == "1":
+    from sglang.srt.entrypoints.http_server import launch_server  # noqa: F401  (loads the CUDA kernels)
+    assert torch.cuda.is_available(), "smoke: SGLang's torch does not see the GPU (host driver too old for its CUDA?)"
+    print("  SGLang server entry point: ok")
+EOF
+echo "smoke: ok"

@@ -1,0 +1,140 @@
+"""Typed launch settings: the cluster (site-specific, from a YAML file) and the job (from a named recipe).
+
+Both are filled the way training configs are: dataclass defaults <- YAML <- dotted overrides
+(`cluster.account=abc`, `job.trainer_nodes=8`), merged and type-checked by OmegaConf; a bad key or
+value stops the launch with one line naming it, before anything is generated or submitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_nft.errors import ConfigError
+
+EXECUTORS = ("local", "slurm")
+COMMANDS = ("train", "demo")
+
+
+@dataclass
+class ClusterConfig:
+    """Where and as whom jobs run. Paths are as seen inside the container."""
+
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    container_image: str | None = None  # a pyxis/enroot image: registry path or .sqsh file
+    container_mounts: list[str] = field(default_factory=list)  # "host:container" pairs
+    models_dir: str = "/models"  # Hugging Face checkpoints (job.hf_model is a directory in here)
+    runs_dir: str = "/runs"  # run directories (metrics, checkpoints, final HF export)
+    host: str | None = None  # submit over SSH to this login node; None: sbatch on this machine
+    user: str | None = None
+    remote_job_dir: str | None = None  # NeMo-Run's job directory on the cluster (needed with host)
+    exclusive: bool = True
+    retries: int = 0  # Slurm requeues after a failure; the trainer then resumes its run directory
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every task
+    experiments_dir: str | None = None  # local NeMo-Run metadata (default: $NEMORUN_HOME or ~/.nemo_run)
+
+
+@dataclass
+class JobConfig:
+    """What runs where: a megatron-nft command and its recipe, nodes, GPUs, rollout servers."""
+
+    name: str = "megatron-nft"  # NeMo-Run experiment title
+    description: str = ""
+    command: str = "train"  # `megatron-nft train` or `megatron-nft demo`
+    train_recipe: str | None = None  # training recipe (YAML), a path in this repository
+    train_overrides: list[str] = field(default_factory=list)  # section.key=value for the trainer
+    hf_model: str | None = None  # directory under cluster.models_dir; sets model.hf_path
+    executor: str = "local"
+    trainer_nodes: int = 1
+    gpus_per_node: int = 8  # processes per node (torchrun --nproc-per-node); CPU ranks locally
+    rollout_nodes: int = 0  # > 0: a heterogeneous Slurm job with one SGLang server per node
+    rollout_tp: int = 1  # SGLang --tp-size; --dp-size fills the node
+    rollout_port: int = 30000
+    rollout_mem_fraction: float = 0.85  # SGLang --mem-fraction-static
+    rendezvous_port: int = 29500
+    server_timeout_s: int = 3600  # how long trainers wait for the SGLang servers to answer
+    time: str = "04:00:00"
+
+
+@dataclass
+class LaunchConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+
+    @property
+    def run_dir(self) -> str:
+        """The trainer's run.dir: an explicit override wins, else <runs_dir>/<job name>."""
+        for item in reversed(self.job.train_overrides):
+            if item.startswith("run.dir="):
+                return item.split("=", 1)[1]
+        return f"{self.cluster.runs_dir.rstrip('/')}/{self.job.name}"
+
+
+def load_launch_config(recipe: dict, cluster_file: str | Path | None = None, overrides: list[str] = ()) -> LaunchConfig:
+    """Defaults <- the named recipe's job fields <- the cluster YAML <- `cluster.*` / `job.*` overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(LaunchConfig)
+    layers = [("recipe", OmegaConf.create({"job": recipe}))]
+    if cluster_file is not None:
+        path = Path(cluster_file)
+        if not path.is_file():
+            raise ConfigError(f"--cluster {path}: no such file")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # the YAML parser's own message names line and column
+            raise ConfigError(f"--cluster {path}: not valid YAML: {' '.join(str(e).split())}") from None
+        layers.append((f"--cluster {path}", OmegaConf.create({"cluster": loaded})))
+    for item in overrides:
+        if "=" not in item or item.split(".", 1)[0] not in ("cluster", "job"):
+            raise ConfigError(f"override {item!r}: expected cluster.key=value or job.key=value")
+        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+    for origin, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            if type(e).__name__ == "ConfigKeyError":
+                section = key.split(".")[0]
+                cls = {"cluster": ClusterConfig, "job": JobConfig}.get(section)
+                allowed = f" (allowed: {', '.join(f.name for f in dataclasses.fields(cls))})" if cls else ""
+                raise ConfigError(f"{origin}: unknown key '{key}'{allowed}") from None
+            raise ConfigError(f"{origin}: {key}: {str(e).splitlines()[0]}") from None
+    cfg: LaunchConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: LaunchConfig) -> None:
+    job, cluster = cfg.job, cfg.cluster
+    _require(job.executor in EXECUTORS, f"job.executor={job.executor!r}: allowed values are {', '.join(EXECUTORS)}")
+    _require(job.command in COMMANDS, f"job.command={job.command!r}: allowed values are {', '.join(COMMANDS)}")
+    _require(job.trainer_nodes >= 1, f"job.trainer_nodes={job.trainer_nodes}: must be >= 1")
+    _require(job.gpus_per_node >= 1, f"job.gpus_per_node={job.gpus_per_node}: must be >= 1")
+    _require(job.rollout_nodes >= 0, f"job.rollout_nodes={job.rollout_nodes}: must be >= 0")
+    _require(job.rollout_tp >= 1 and job.gpus_per_node % job.rollout_tp == 0,
+             f"job.rollout_tp={job.rollout_tp}: must divide job.gpus_per_node={job.gpus_per_node}")
+    _require(0 < job.rollout_mem_fraction < 1, f"job.rollout_mem_fraction={job.rollout_mem_fraction}: must be in (0, 1)")
+    _require(job.command == "demo" or job.train_recipe is not None,
+             "job.train_recipe is not set: `train` needs a training recipe (job.train_recipe=recipes/....yaml)")
+    _require(cluster.retries >= 0, f"cluster.retries={cluster.retries}: must be >= 0")
+    if job.executor == "local":
+        _require(job.trainer_nodes == 1, f"job.trainer_nodes={job.trainer_nodes}: the local executor runs one node")
+        _require(job.rollout_nodes == 0, "job.rollout_nodes > 0 needs job.executor=slurm (SGLang servers on their own nodes)")
+    else:
+        _require(cluster.account is not None, "cluster.account is not set: Slurm jobs need an account (--cluster FILE or cluster.account=NAME)")
+        _require(cluster.container_image is not None,
+                 "cluster.container_image is not set: Slurm jobs run in the megatron-nft image (see Dockerfile)")
+        _require(cluster.host is None or cluster.remote_job_dir is not None,
+                 "cluster.host is set but cluster.remote_job_dir is not: NeMo-Run needs a job directory on the cluster")
+        for mount in cluster.container_mounts:
+            _require(":" in mount, f"cluster.container_mounts entry {mount!r}: expected host_path:container_path")
