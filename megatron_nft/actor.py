@@ -34,7 +34,6 @@ from megatron_nft.config import AlgoConfig, OptimConfig
 from megatron_nft.data.batching import needed_lengths, plan_packing, sequence_alignment
 from megatron_nft.errors import ConfigError
 from megatron_nft.model import mapping
-from megatron_nft.model.logprobs import mask_vocab_padding, vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_nft.model.qwen2 import Qwen2Shape, build_gpt_model, te_available, transformer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

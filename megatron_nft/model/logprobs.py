@@ -58,12 +58,12 @@ def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, tempe
 # Fused, chunked log-probs straight from the hidden states (no [T, V] logits held whole)
 # ---------------------------------------------------------------------------------------------------
 
-# Tokens per chunk. Each chunk holds one or two fp32 [chunk, V/TP] buffers at a time (V = 152064:
-# 0.6 MB per token each), so 1024 tokens cost ~0.6-1.2 GB per rank on top of the weight gradient.
-# Measured on the 2-core box (bench/logprobs.py, docs/benchmarks.md; T = 4096, H = 1536, fp32):
-# peak extra memory / naive's 0.13, 0.16, 0.22 and CPU time / naive's 1.20, 1.08, 1.05 for chunks
-# of 512, 1024, 2048. 1024 keeps memory well under the quarter of naive's we aim for; smaller chunks
-# make the weight-gradient GEMM (whose inner dimension is the chunk) less efficient.
+# Tokens per chunk. A chunk holds one fp32 [chunk, V/TP] buffer (two with entropy) at a time: at
+# V = 152064, 0.6 GB per 1024 tokens, on top of the [V/TP, H] weight gradient both paths produce.
+# Measured on the 2-core box (bench/logprobs.py, docs/benchmarks.md; T = 4096, H = 1536, fp32,
+# quiet box): peak extra memory / naive's 0.16 and time / naive's 1.22-1.27 at 1024; 2048 gave
+# 0.22 and no clear speed-up, 512 gave 0.13 and 1.40x before the buffers were reused. Smaller
+# chunks make the GEMMs (M or K = chunk) less efficient.
 DEFAULT_CHUNK_SIZE = 1024
 
 
@@ -79,16 +79,46 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scaled_chunk_logits(hidden_rows: torch.Tensor, weight_rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 logits / temperature for a chunk of tokens against this rank's real vocabulary rows.
+class _ChunkWorkspace:
+    """[chunk, V/TP] buffers reused by every chunk of one pass.
 
-    The GEMM runs in the inputs' dtype (as Megatron's output layer does: bf16 logits then .float()),
-    so the fused and the unfused actor paths see the same logits.
+    On CPU a fresh 0.6 GB allocation per chunk is mmap-ed anew and page-faulted in (the kernel zeroes
+    every page), a cost the naive path pays once per buffer; reusing them keeps it once per pass.
+    (On CUDA the caching allocator would reuse them anyway.)
     """
-    z = torch.mm(hidden_rows, weight_rows.t()).to(_stats_dtype(hidden_rows.dtype))
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z
+
+    def __init__(self, rows: int, weight_rows: torch.Tensor, stats_dtype: torch.dtype):
+        self.weight_rows, self.stats_dtype = weight_rows, stats_dtype
+        self.shape = (rows, weight_rows.shape[0])
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The named buffer's first `rows` rows (allocated on first use)."""
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self.shape, dtype=dtype or self.stats_dtype, device=self.weight_rows.device)
+        return self._buffers[name][:rows]
+
+    def scaled_logits(self, hidden_rows: torch.Tensor, temperature: float) -> torch.Tensor:
+        """logits / temperature of a chunk against this rank's real vocabulary rows, in the stats dtype.
+
+        The GEMM runs in the inputs' dtype (as Megatron's output layer does: bf16 logits, then
+        .float()), so the fused and the unfused actor paths see the same logits.
+        """
+        rows = hidden_rows.shape[0]
+        z = self.buffer("logits", rows)
+        if hidden_rows.dtype == self.stats_dtype:
+            torch.mm(hidden_rows, self.weight_rows.t(), out=z)
+        else:
+            z.copy_(torch.mm(hidden_rows, self.weight_rows.t(), out=self.buffer("gemm", rows, hidden_rows.dtype)))
+        if temperature != 1.0:
+            z.div_(temperature)
+        return z
+
+    def in_dtype(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`grad` cast to the inputs' dtype for the gradient GEMMs (a reused buffer when a cast is needed)."""
+        if grad.dtype == dtype:
+            return grad
+        return self.buffer("gemm", grad.shape[0], dtype).copy_(grad)
 
 
 def _combine_over_tp(local_max, sum_exp, sum_exp_shifted, label_logit, tp_group):
@@ -147,22 +177,22 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         owned = (local_label >= 0) & (local_label < real_rows)
         label_index = torch.where(owned, local_label, 0).unsqueeze(1)
 
+        workspace = _ChunkWorkspace(min(chunk_size, tokens), weight_rows, stats["dtype"])
         for start in range(0, tokens if real_rows else 0, chunk_size):
             rows = slice(start, min(start + chunk_size, tokens))
-            z = _scaled_chunk_logits(hidden[rows], weight_rows, temperature)
+            z = workspace.scaled_logits(hidden[rows], temperature)
             label_logit[rows] = z.gather(1, label_index[rows]).squeeze(1)
             chunk_max = z.amax(dim=1)
             local_max[rows] = chunk_max
             z.sub_(chunk_max.unsqueeze(1))
             if with_entropy:
-                e = z.exp()
+                e = torch.exp(z, out=workspace.buffer("spare", z.shape[0]))
                 sum_exp[rows] = e.sum(dim=1)
                 # row-wise dot product without a third [chunk, V] buffer
                 sum_exp_shifted[rows] = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)
-                del e
             else:
                 sum_exp[rows] = z.exp_().sum(dim=1)
-            del z
+        del workspace
         label_logit.mul_(owned)
 
         lse, entropy, label_logit = _combine_over_tp(local_max, sum_exp, sum_exp_shifted, label_logit, tp_group)
@@ -187,32 +217,37 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         owned = (local_label >= 0) & (local_label < real_rows)
 
         tokens = hidden.shape[0]
-        for start in range(0, tokens if real_rows else 0, ctx.chunk_size):
+        workspace = _ChunkWorkspace(min(ctx.chunk_size, tokens), weight_rows, lse.dtype)
+        # Every chunk runs even on a rank without real vocabulary rows (empty [c, 0] logits): the
+        # entropy gradient all-reduces per chunk, and all ranks must join each of those.
+        for start in range(0, tokens, ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, tokens))
             hidden_rows = hidden[rows]
-            # Reuse one [chunk, V] buffer: z -> log p -> d(loss)/dz, all in place.
-            g = _chunk_logit_grad(
-                _scaled_chunk_logits(hidden_rows, weight_rows, temperature).sub_(lse[rows].unsqueeze(1)),
+            # One [chunk, V] buffer: z -> log p -> d(loss)/dz, all in place.
+            grad_z = _chunk_logit_grad(
+                workspace.scaled_logits(hidden_rows, temperature).sub_(lse[rows].unsqueeze(1)),
                 None if grad_logprobs is None else grad_logprobs[rows],
                 None if grad_entropy is None else grad_entropy[rows],
                 owned[rows],
                 local_label[rows],
                 ctx.tp_group,
-            ).to(hidden.dtype)
+                workspace,
+            )
+            g = workspace.in_dtype(grad_z, hidden.dtype)
             if need_hidden:
                 torch.mm(g, weight_rows, out=grad_hidden[rows])
                 if temperature != 1.0:
                     grad_hidden[rows].div_(temperature)
             if need_weight:
                 grad_weight[:real_rows].addmm_(g.t(), hidden_rows, alpha=1.0 / temperature)
-            del g
+        del workspace
 
         if need_hidden and ctx.tp_group is not None:
             dist.all_reduce(grad_hidden, group=ctx.tp_group)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
-def _chunk_logit_grad(log_p, grad_logprobs, grad_entropy, owned, local_label, tp_group):
+def _chunk_logit_grad(log_p, grad_logprobs, grad_entropy, owned, local_label, tp_group, workspace):
     """d(loss)/dz for one chunk, written over `log_p` [c, V/TP] (fp32, z minus the global logsumexp).
 
     d/dz_j = g_lp ([j = label] - p_j) - g_H p_j (log p_j + H) = -p_j (g_lp + g_H (log p_j + H))
@@ -222,7 +257,7 @@ def _chunk_logit_grad(log_p, grad_logprobs, grad_entropy, owned, local_label, tp
     weight multiplies into the hidden gradient.
     """
     if grad_entropy is not None:
-        p = log_p.exp()
+        p = torch.exp(log_p, out=workspace.buffer("spare", log_p.shape[0]))
         entropy = -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1)
         if tp_group is not None:
             dist.all_reduce(entropy, group=tp_group)
@@ -230,7 +265,6 @@ def _chunk_logit_grad(log_p, grad_logprobs, grad_entropy, owned, local_label, tp
         if grad_logprobs is not None:
             coeff.add_(grad_logprobs.unsqueeze(1))
         grad = coeff.mul_(p).neg_()
-        del p
     elif grad_logprobs is not None:
         grad = log_p.exp_().mul_(grad_logprobs.neg().unsqueeze(1))
     else:
