@@ -9,8 +9,12 @@ do (the pool grades each distinct (gold, answer) pair once). Variants:
 
   realistic     as above
   distinct      every wrong answer unique (no repeats: the most grading work per response)
-  adversarial   realistic with 1% of responses replaced by distinct power towers that hang sympy
-                (each costs a full timeout_s in a worker)
+  adversarial   realistic with 1% of responses replaced by hostile endings (power towers, deep
+                nesting, 10^6-character strings: see _adversarial); the pool's guard scores them
+                0 without grading
+  adversarial_unguarded
+                the same responses with the guard off: every hostile answer the extractor keeps
+                goes to a worker and costs up to timeout_s there
 
 Baseline, measured in the same run: the same grader called serially in this process (no pool, no
 de-duplication) on a sample; the pool's speed-up is printed against it.
@@ -76,11 +80,29 @@ def make_responses(golds: list[str], per_gold: int, variant: str, seed: int = 0)
                 answer = rng.choice(distractors)
             responses.append(_reasoning(rng) + _finish(rng, answer))
             gold_list.append(gold)
-    if variant == "adversarial":
+    if variant.startswith("adversarial"):
         n_bad = max(1, len(responses) // 100)
         for k, i in enumerate(rng.sample(range(len(responses)), n_bad)):
-            a, b, c, d = 7 + k % 90, 8 + k % 7, 9, 7 + k % 3
-            responses[i] = _reasoning(rng) + _finish(rng, f"{a}^{{{b}^{{{c}^{{{d}}}}}}}")
+            responses[i] = _reasoning(rng) + _adversarial(k)
+    return responses, gold_list
+
+
+def _adversarial(k: int) -> str:
+    """The k-th hostile ending, cycling through the kinds the issue names: power towers, deep nesting,
+    10^6-character strings (inside a box, on an Answer: line, and a long expression that fits the
+    extractor's cap), each distinct so that none is de-duplicated away."""
+    kind = k % 5
+    if kind == 0:
+        a, b, d = 7 + k % 90, 8 + k % 7, 7 + k % 3
+        return f"\n\nAnswer: {a}^{{{b}^{{9^{{{d}}}}}}}"
+    if kind == 1:
+        depth = 24 + k % 8
+        return "\n\n$\\boxed{" + "\\frac{1}{" * depth + str(k) + "}" * depth + "}$"
+    if kind == 2:
+        return "\n\n$\\boxed{" + str(k) + "1" * 10**6 + "}$"
+    if kind == 3:
+        return "\n\nAnswer: " + "x+" * 500_000 + str(k)
+    return "\n\n$\\boxed{" + "+".join(f"x_{{{j}}}" for j in range(k, k + 1200)) + "}$"
     return responses, gold_list
 
 
@@ -119,10 +141,13 @@ def main() -> None:
     serial_rate = len(sample) / (time.perf_counter() - start)
     print(f"baseline serial in-process ({len(sample)} realistic responses): {serial_rate:.1f} responses/s")
 
-    start = time.perf_counter()
-    with GradingPool(workers=args.workers, timeout_s=args.timeout) as pool:
-        print(f"pool start ({pool.workers} workers): {time.perf_counter() - start:.2f} s")
-        for variant in args.variants.split(","):
+    realistic_s = None
+    for variant in args.variants.split(","):
+        # A fresh pool per variant: its workers' caches of parsed golds start empty, as in a training
+        # step (every step brings new prompts); otherwise later variants would reuse earlier parses.
+        start = time.perf_counter()
+        with GradingPool(workers=args.workers, timeout_s=args.timeout, guard=variant != "adversarial_unguarded") as pool:
+            started = time.perf_counter() - start
             responses, gold_list = make_responses(golds, args.per_gold, variant)
             chars = sum(map(len, responses)) / len(responses)
             scores = pool.score(responses, gold_list)
@@ -130,9 +155,20 @@ def main() -> None:
             rate = len(responses) / s["seconds"]
             print(
                 f"{variant:12s} {len(responses)} responses (mean {chars:.0f} chars), {s['graded']} distinct pairs, "
-                f"{s['timeouts']} timeouts, {s['errors']} errors, reward mean {sum(scores) / len(scores):.3f}: "
-                f"{s['seconds']:.2f} s, {rate:.0f} responses/s ({rate / serial_rate:.1f}x serial baseline)"
+                f"{s['refused']} refused, {s['no_answer']} without answer, {s['timeouts']} timeouts, "
+                f"{s['errors']} errors, reward mean {sum(scores) / len(scores):.3f}: "
+                f"{s['seconds']:.2f} s, {rate:.0f} responses/s ({rate / serial_rate:.1f}x serial baseline; "
+                f"pool start {started:.2f} s, {pool.workers} workers, not counted)"
             )
+            if variant == "realistic":
+                realistic_s = s["seconds"]
+            elif variant.startswith("adversarial") and realistic_s is not None:
+                # what the hostile 1% cost beyond the timeouts they used up (each holds one worker)
+                timeout_cost = s["timeouts"] * args.timeout / pool.workers
+                print(
+                    f"{'':12s} vs realistic: +{s['seconds'] - realistic_s:.2f} s, of which timeouts "
+                    f"{timeout_cost:.2f} s, beyond the timeouts {s['seconds'] - realistic_s - timeout_cost:+.2f} s"
+                )
 
 
 if __name__ == "__main__":

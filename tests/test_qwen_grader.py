@@ -119,8 +119,9 @@ def test_benchmark_golds_grade_against_themselves(pool):
 
 
 def test_pathological_input_is_cut_at_the_timeout():
-    # 9^(9^(9^9)) makes sympy try to evaluate an astronomically large integer power.
-    with GradingPool(grader="qwen_math", timeout_s=1.0, workers=1) as p:
+    # 9^(9^(9^9)) makes sympy try to evaluate an astronomically large integer power. The guard would
+    # refuse it before grading (tests/test_reward.py); off here, so the timeout is what stops it.
+    with GradingPool(grader="qwen_math", timeout_s=1.0, workers=1, guard=False) as p:
         start = time.perf_counter()
         scores = p.score([r"\boxed{9^{9^{9^{9}}}}", r"\boxed{1}"], ["1", "1"])
         elapsed = time.perf_counter() - start

@@ -3,6 +3,7 @@ gold answer, and the hard per-answer timeout on an input that hangs math-verify.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,8 @@ from megatron_nft.reward import (
     grader_names,
     score_batch,
 )
+
+from megatron_nft.reward.guard import _SizeScan, refusal
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO.parent / "shared" / "data" / "benchmarks"
@@ -160,7 +163,8 @@ def test_apply_truncation():
 
 def test_pathological_answer_is_cut_at_timeout():
     timeout_s = 2.0
-    with GradingPool(workers=1, timeout_s=timeout_s) as pool:
+    # guard off: the tower reaches a worker, which the timeout must kill
+    with GradingPool(workers=1, timeout_s=timeout_s, guard=False) as pool:
         assert pool.score(["\\boxed{1}"], ["1"]) == [1.0]  # warm: worker up, math-verify imported
         responses = [PATHOLOGICAL, "\\boxed{2}", "Answer: 3", "\\boxed{\\frac{1}{2}}", "\\boxed{5}"]
         golds = ["1", "2", "3", "0.5", "6"]
@@ -175,18 +179,70 @@ def test_pathological_answer_is_cut_at_timeout():
         assert pool.score(["\\boxed{7}", PATHOLOGICAL], ["7", "1"], timeout_s=1.0) == [1.0, 0.0]
 
 
-def test_pathological_answers_among_many(pool):
+def test_pathological_answers_among_many():
     n = 40
     responses = [f"\\boxed{{{i}}}" for i in range(n)]
     golds = [str(i) for i in range(n)]
     responses[5] = responses[17] = PATHOLOGICAL
     golds[5] = golds[17] = "1"
+    with GradingPool(workers=2, timeout_s=1.5, guard=False) as pool:
+        start = time.perf_counter()
+        scores = pool.score(responses, golds)
+        elapsed = time.perf_counter() - start
+        assert scores == [0.0 if i in (5, 17) else 1.0 for i in range(n)]
+        assert pool.last_stats["graded"] == n - 1  # the two identical pathological pairs are graded once
+        assert pool.last_stats["timeouts"] == 1
+        assert elapsed < 1.5 + 3.0, elapsed
+        # with the guard (the default) the tower never reaches a worker: no timeout, no wait
+        pool.guard = True
+        start = time.perf_counter()
+        assert pool.score(responses, golds) == scores
+        assert (pool.last_stats["refused"], pool.last_stats["timeouts"]) == (1, 0)
+        assert time.perf_counter() - start < 1.5, time.perf_counter() - start
+
+
+# Each would hold a worker for seconds or forever (measured with the guard off: nested braces 16 deep
+# 17 s, \frac nested 24 deep and (10^9)! past 20 s, a 6000-character sum 1 s).
+HOSTILE = {
+    "tower": "9^{9^{9^{9}}}",
+    "plain tower": "2^2^2^2^2^2^2",
+    "tower in a sum": "x + 7^{8^{9^{7}}}",
+    "tower in a denominator": "\\frac{1}{9^{9^{9}}}",
+    "huge factorial": "(10^{9})!",
+    "nested braces": "{" * 16 + "1" + "}" * 16,
+    "nested fractions": "\\frac{1}{" * 24 + "2" + "}" * 24,
+    "long sum": "+".join(["x"] * 3000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_guard_refuses_hostile_answers_quickly(name):
+    answer = HOSTILE[name]
     start = time.perf_counter()
-    scores = pool.score(responses, golds, timeout_s=1.5)
-    elapsed = time.perf_counter() - start
-    assert scores == [0.0 if i in (5, 17) else 1.0 for i in range(n)]
-    assert pool.last_stats["graded"] == n - 1  # the two identical pathological pairs are graded once
-    assert elapsed < 1.5 + 3.0, elapsed
+    assert refusal(answer, "12") is not None
+    assert time.perf_counter() - start < 0.05
+
+
+def test_guard_size_bound_matches_closed_forms():
+    # log10 of a^b is b log10 a; of n! it is lgamma(n + 1) / ln 10
+    assert _SizeScan("2^{1009}").scan() == pytest.approx(1009 * math.log10(2))
+    assert _SizeScan("\\frac{100!}{2^{50}}").scan() == pytest.approx(math.lgamma(101) / math.log(10))
+    assert _SizeScan("9^{9^9}").scan() == pytest.approx(9**9 * math.log10(9))
+    assert refusal("100000!") is None  # 456,574 digits: sympy computes it in a fraction of a second
+    assert refusal("2^{10^{7}}") is not None  # 3,010,300 digits
+    assert refusal("x^{10^{9}}") is None  # a symbol's power stays symbolic: only its exponent is a number
+    assert refusal("x" * 2000, gold="y" * 600) is None  # the length cap grows with the gold
+
+
+@pytest.mark.skipif(not BENCHMARKS.is_dir(), reason=f"benchmark data folder {BENCHMARKS} is absent")
+def test_guard_passes_every_benchmark_gold():
+    refused = [
+        (name, p.answer, refusal(p.answer, p.answer))
+        for name in benchmark_names()
+        for p in load_benchmark(BENCHMARKS / f"{name}.jsonl")
+        if refusal(p.answer, p.answer) is not None
+    ]
+    assert refused == []
 
 
 def test_reward_import_is_light():

@@ -1,11 +1,14 @@
 """Answer grading: responses -> {0.0, 1.0} scores in a process pool with a hard per-answer timeout.
 
-Pipeline per response: `extract_answer` (in this process; linear time) -> the grader, run in a worker
+Pipeline per response: `extract_answer` (in this process; linear time) -> `guard.refusal` (this
+process, linear: answers that would only stall sympy, such as power towers, deep nesting or very long
+expressions, score 0 without a worker) -> the grader, run in a worker
 process of a pebble ProcessPool with `timeout=timeout_s`. A worker that overruns is killed and its item
 scores 0.0; pebble starts a replacement and the other items keep flowing. Identical (gold, answer)
 pairs within a call are graded once (in RL, the K answers of a group often agree).
 
-Scores are 1.0 (correct) or 0.0 (wrong, no extractable answer, grader error, or timeout). A truncated
+Scores are 1.0 (correct) or 0.0 (wrong, no extractable answer, refused by the guard, grader error,
+or timeout). A truncated
 response (finish_reason "length") is wrong whatever it contains: this module never sees the finish
 reason, so the caller applies that rule with `apply_truncation`.
 
@@ -43,6 +46,7 @@ from concurrent.futures import TimeoutError as FutureTimeoutError
 import pebble
 
 from megatron_nft.reward.extract import ANSWER_FORMATS, extract_answer
+from megatron_nft.reward.guard import refusal
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +174,10 @@ class GradingPool:
 
     grader: a registered grader name ("math_verify"); answer_format: see extract_answer;
     timeout_s: hard wall-clock limit per graded answer; workers: processes (None: the CPUs this
-    process may use). After each score() call, `last_stats` holds counts for metrics:
-    responses, no_answer, graded (distinct pairs sent to workers), timeouts, errors, seconds.
+    process may use); guard: score answers that guard.refusal names 0 without grading them (False
+    sends everything to the workers, bounded by the timeout alone: for measuring what the guard saves). After each score() call, `last_stats` holds counts for metrics:
+    responses, no_answer, refused (by guard.refusal), graded (distinct pairs sent to workers),
+    timeouts, errors, seconds.
     """
 
     def __init__(
@@ -180,6 +186,7 @@ class GradingPool:
         answer_format: str = "auto",
         timeout_s: float = 5.0,
         workers: int | None = None,
+        guard: bool = True,
     ):
         _check_settings(grader, answer_format, timeout_s)
         if workers is None:
@@ -190,6 +197,7 @@ class GradingPool:
         self.answer_format = answer_format
         self.timeout_s = float(timeout_s)
         self.workers = workers
+        self.guard = guard
         self.last_stats: dict = {}
         self._pid = os.getpid()
         self._pool: pebble.ProcessPool | None = pebble.ProcessPool(
@@ -241,12 +249,19 @@ class GradingPool:
         scores = [0.0] * len(responses)
         pairs: dict[tuple[str, str], list[int]] = {}
         no_answer = 0
+        refused: dict[tuple[str, str], str] = {}
         for i, (response, gold) in enumerate(zip(responses, golds)):
             answer = extract_answer(response, answer_format) if response else None
             if answer is None:
                 no_answer += 1
                 continue
-            pairs.setdefault((str(gold), answer), []).append(i)
+            key = (str(gold), answer)
+            if self.guard and key not in pairs and key not in refused:
+                reason = refusal(answer, key[0])
+                if reason is not None:
+                    refused[key] = reason
+            if key not in refused:
+                pairs.setdefault(key, []).append(i)
 
         futures = [
             self._pool.schedule(_grade_task, args=(grade_fn, gold, answer), timeout=timeout_s)
@@ -274,11 +289,14 @@ class GradingPool:
         self.last_stats = {
             "responses": len(responses),
             "no_answer": no_answer,
+            "refused": len(refused),
             "graded": len(pairs),
             "timeouts": timeouts,
             "errors": errors,
             "seconds": time.perf_counter() - start,
         }
+        if refused:
+            logger.warning("%d answers scored 0 ungraded (e.g. %s)", len(refused), next(iter(refused.values())))
         if timeouts:
             logger.warning("%d of %d graded answers hit the %.3g s timeout and scored 0", timeouts, len(pairs), timeout_s)
         return scores
