@@ -49,7 +49,7 @@ def convert_rank(hf_dir: str, out: str, shape, tp: int, pp: int, dtype: str) -> 
     from megatron_nft.actor import DTYPES as TORCH_DTYPES
     from megatron_nft.model import mapping
     from megatron_nft.model.hf_io import hf_tensor_reader
-    from megatron_nft.model.qwen2 import build_gpt_model, te_available, transformer_config
+    from megatron_nft.model.qwen2 import ModelOptions, build_gpt_model, te_available, transformer_config
 
     out = Path(out)
     start = time.perf_counter()
@@ -60,14 +60,17 @@ def convert_rank(hf_dir: str, out: str, shape, tp: int, pp: int, dtype: str) -> 
     common.barrier()
     tmp = common.staging_dir(out)
 
-    use_te = te_available()
+    # the actor's default ("auto"): TE layers where TE and CUDA are, so the checkpoint's names match
+    options = ModelOptions().resolved(cuda=torch.cuda.is_available(), te=te_available(), dtype=TORCH_DTYPES[dtype],
+                                      num_layers=shape.num_layers, pp=pp)
+    use_te = options.use_te
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     layers = shape.num_layers // pp
     offset = ps.get_pipeline_model_parallel_rank() * layers
     with runtime.megatron_device_compat():
-        config = transformer_config(shape, dtype=TORCH_DTYPES[dtype], tp=tp, pp=pp)
+        config = transformer_config(shape, dtype=TORCH_DTYPES[dtype], tp=tp, pp=pp, options=options)
         config.perform_initialization = False  # every parameter is overwritten below
-        model = build_gpt_model(shape, config, tp=tp, use_te=use_te, pre_process=first, post_process=last)
+        model = build_gpt_model(shape, config, tp=tp, options=options, pre_process=first, post_process=last)
     params = dict(model.named_parameters())
     table = mapping.rules_by_megatron_name(
         shape, use_te=use_te, layer_offset=offset, num_local_layers=layers, first_stage=first, last_stage=last

@@ -34,7 +34,7 @@ from megatron_nft.config import AlgoConfig, OptimConfig
 from megatron_nft.data.batching import needed_lengths, plan_packing, sequence_alignment
 from megatron_nft.errors import ConfigError
 from megatron_nft.model import mapping
-from megatron_nft.model.qwen2 import Qwen2Shape, build_gpt_model, te_available, transformer_config
+from megatron_nft.model.qwen2 import ModelOptions, Qwen2Shape, build_gpt_model, te_available, transformer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,6 +67,7 @@ class Actor:
         seed: int = 1234,
         cp: int = 1,
         max_tokens_per_micro_batch: int | None = None,
+        options: ModelOptions = ModelOptions(),
     ):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -82,7 +83,11 @@ class Actor:
         self.micro_batch_size = micro_batch_size
         self.dtype = DTYPES[dtype]
         self.device = torch.device("cuda", torch.cuda.current_device()) if runtime.CUDA else torch.device("cpu")
-        self.use_te = te_available()
+        # "auto" settles here, for this machine; a setting it cannot run is a ConfigError
+        self.options = options.resolved(
+            cuda=runtime.CUDA, te=te_available(), dtype=self.dtype, num_layers=shape.num_layers, pp=pp
+        )
+        self.use_te = self.options.use_te
         runtime.init_model_parallel(runtime.ParallelLayout(tp=tp, pp=pp, cp=cp), seed)
         self.tp, self.pp, self.cp = tp, pp, cp
         self.cp_group = ps.get_context_parallel_group() if cp > 1 else None
@@ -96,12 +101,12 @@ class Actor:
         self.layer_offset = self.pp_rank * self.layers_per_stage
 
         with runtime.megatron_device_compat():
-            self.config = transformer_config(shape, dtype=self.dtype, tp=tp, pp=pp, cp=cp)
+            self.config = transformer_config(shape, dtype=self.dtype, tp=tp, pp=pp, cp=cp, options=self.options)
             model = build_gpt_model(
                 shape,
                 self.config,
                 tp=tp,
-                use_te=self.use_te,
+                options=self.options,
                 pre_process=self.first_stage,
                 post_process=self.last_stage,
             ).to(self.device)
@@ -303,7 +308,8 @@ class Actor:
             lengths,
             max_tokens=self.max_tokens_per_micro_batch,
             dp=self.dp,
-            align=sequence_alignment(tp=self.tp, cp=self.cp, fp8=False),
+            align=sequence_alignment(tp=self.tp, cp=self.cp, fp8=self.options.fp8 is not None,
+                                     blockwise=self.options.fp8_recipe == "blockwise"),
             group_size=group_size,
         )[self.dp_rank]
         if self.pp > 1:

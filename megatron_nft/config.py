@@ -14,6 +14,7 @@ from typing import Any
 
 from megatron_nft.algorithms import AGGREGATIONS, ALGORITHMS, DEFAULT_AGG, GRPO_FAMILY, PROMPT_WEIGHTS
 from megatron_nft.errors import ConfigError
+from megatron_nft.model.qwen2 import FP8_FORMATS, FP8_RECIPES, IMPLEMENTATIONS, PACKED_ATTENTION, RECOMPUTE, ModelOptions
 from megatron_nft.reward import ANSWER_FORMATS
 
 TEMPLATES = ("dapo", "boxed", "raw")
@@ -47,6 +48,13 @@ class ModelConfig:
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = True
     vocab_size: int = 384  # size of the BPE tokenizer trained for the embedded task
+    # How the Megatron model executes (megatron_nft.model.qwen2.ModelOptions): "te" = Transformer Engine
+    # layers (CUDA + TE), "local" = megatron-core's own; "auto": te where it can run
+    impl: str = choice("auto", IMPLEMENTATIONS)
+    packed_attention: str = choice("auto", PACKED_ATTENTION)  # local impl: flex (GPU) | dense (CPU) | auto
+    fp8: str | None = choice(None, (None, *FP8_FORMATS))  # null | hybrid | e4m3 (needs impl te, dtype bf16)
+    fp8_recipe: str = choice("delayed", FP8_RECIPES)
+    fp8_bf16_layers: int = 0  # under fp8: this many layers at each end of the model stay bf16
 
 
 @dataclass
@@ -57,6 +65,8 @@ class ParallelConfig:
     micro_batch_size: int = 64  # rows per micro-batch on the right-padded path
     # Packed (THD) micro-batches of at most this many tokens, balanced over DP ranks; None: padded rows
     max_tokens_per_micro_batch: int | None = None
+    # activation recompute: none | core_attn | mlp (Megatron's selective) | full (every layer, uniform)
+    recompute: str = choice("none", RECOMPUTE)
 
 
 @dataclass
@@ -301,7 +311,7 @@ def _check_choices(obj, prefix: str) -> None:
         if dataclasses.is_dataclass(value):
             _check_choices(value, f"{prefix}{f.name}.")
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ConfigError(f"{prefix}{f.name}={value!r}: allowed values are {', '.join(f.metadata['choices'])}")
+            raise ConfigError(f"{prefix}{f.name}={value!r}: allowed values are {', '.join('null' if c is None else str(c) for c in f.metadata['choices'])}")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -357,6 +367,10 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.eval.samples >= 1, "eval.samples must be >= 1")
     _require(not (cfg.run.resume and cfg.run.overwrite), "run.resume and run.overwrite exclude each other")
     _require(cfg.model.megatron_ckpt is None or cfg.model.hf_path is not None, "model.megatron_ckpt needs model.hf_path (its config and tokenizer)")
+    m = cfg.model
+    _require(m.fp8 is None or m.dtype == "bf16", f"model.fp8={m.fp8} needs model.dtype=bf16 (got {m.dtype})")
+    _require(m.fp8 is None or m.impl != "local", f"model.fp8={m.fp8} needs Transformer Engine layers: model.impl=te or auto, not local")
+    _require(m.fp8_bf16_layers >= 0, f"model.fp8_bf16_layers={m.fp8_bf16_layers}: must be >= 0")
     if cfg.data.task == "jsonl":
         _require(cfg.data.train_path is not None, "data.task=jsonl needs data.train_path")
         _require(cfg.model.hf_path is not None, "data.task=jsonl needs model.hf_path (a checkpoint with its tokenizer)")
@@ -402,6 +416,13 @@ def _validate_algorithm_combination(cfg: TrainConfig) -> None:
             buffer < r.max_new_tokens,
             f"reward.overlong_buffer={buffer} must be smaller than rollout.max_new_tokens={r.max_new_tokens}",
         )
+
+
+def model_options(cfg: TrainConfig) -> ModelOptions:
+    """The actor's execution options ("auto" is decided by the Actor, for the machine it runs on)."""
+    m = cfg.model
+    return ModelOptions(impl=m.impl, packed_attention=m.packed_attention, fp8=m.fp8, fp8_recipe=m.fp8_recipe,
+                        fp8_bf16_layers=m.fp8_bf16_layers, recompute=cfg.parallel.recompute)
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

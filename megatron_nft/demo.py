@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_nft.config import TrainConfig
+from megatron_nft.config import TrainConfig, model_options
 
 
 def build_base_model(cfg: TrainConfig, out_dir: Path, *, quiet: bool = False) -> Path:
@@ -69,6 +69,7 @@ def build_base_model(cfg: TrainConfig, out_dir: Path, *, quiet: bool = False) ->
         algo=AlgoConfig(name="rft", agg="token_mean"),
         total_steps=max(w.steps, 1),
         seed=cfg.run.seed,
+        options=model_options(cfg),
     )
     actor.load_hf(lambda name: initial[name])
     prompt_ids = encode_prompts(tokenizer, train_rows, template=d.template, chat=d.chat, max_prompt_len=d.max_prompt_len)

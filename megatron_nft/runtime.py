@@ -102,8 +102,19 @@ _CUDA_FUNCTION_REDIRECTS = {
     "stream": lambda *a, **k: _NullStream(),
 }
 
+# tensor_parallel/random.py: CheckpointFunction (activation recompute, parallel.recompute) saves the
+# CPU, CUDA and tracker RNG states before a checkpointed forward and restores them for its recompute,
+# through these two module functions, which initialise CUDA. On CPU there is no CUDA generator: the CPU
+# state (saved by the same call) and the CPU tracker below cover every draw, so the CUDA part is an
+# empty placeholder.
+_MEGATRON_RANDOM_REDIRECTS = {
+    "_get_cuda_rng_state": lambda *a, **k: torch.empty(0, dtype=torch.uint8),
+    "_set_cuda_rng_state": lambda *a, **k: None,
+}
+
 _compat_depth = 0
 _saved_cuda_functions: dict[str, object] = {}
+_saved_random_functions: dict[str, object] = {}
 _mode: _CudaToCpuMode | None = None
 
 
@@ -118,6 +129,11 @@ def megatron_device_compat():
         for name, replacement in _CUDA_FUNCTION_REDIRECTS.items():
             _saved_cuda_functions[name] = getattr(torch.cuda, name)
             setattr(torch.cuda, name, replacement)
+        from megatron.core.tensor_parallel import random as mrandom
+
+        for name, replacement in _MEGATRON_RANDOM_REDIRECTS.items():
+            _saved_random_functions[name] = getattr(mrandom, name)
+            setattr(mrandom, name, replacement)
         _install_cpu_rng_tracker()
         _mode = _CudaToCpuMode()
         _mode.__enter__()
@@ -132,6 +148,11 @@ def megatron_device_compat():
             for name, original in _saved_cuda_functions.items():
                 setattr(torch.cuda, name, original)
             _saved_cuda_functions.clear()
+            from megatron.core.tensor_parallel import random as mrandom
+
+            for name, original in _saved_random_functions.items():
+                setattr(mrandom, name, original)
+            _saved_random_functions.clear()
 
 
 def _install_cpu_rng_tracker() -> None:

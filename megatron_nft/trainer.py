@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_nft import checkpointing
-from megatron_nft.actor import Actor
+from megatron_nft.actor import DTYPES, Actor
 from megatron_nft.algorithms import dynamic_sampling_keep, group_correct_rate, group_reward_std, truncated_is_weights
-from megatron_nft.config import TrainConfig
+from megatron_nft.config import TrainConfig, model_options
 from megatron_nft.data.batching import pack_rows, select_rows
 from megatron_nft.reward import apply_truncation, shape_overlong
 from megatron_nft.runtime import is_main_rank
@@ -65,6 +65,11 @@ class Scorer:
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         return apply_truncation(self.grader.score(texts, golds), [c.finish_reason == "length" for c in completions])
 
+    @property
+    def last_stats(self) -> dict:
+        """The grading pool's counts for the last call (answers without an answer, refused, timed out...)."""
+        return self.grader.last_stats
+
 
 def step_seed(run_seed: int, step: int, purpose: str) -> int:
     """The sampling seed of one generation call, fixed by (run seed, step, purpose): a run resumed from a
@@ -82,6 +87,7 @@ def collect_rollouts(
     generated = all_right = all_wrong = truncated = 0
     reward_sum = length_sum = 0.0
     rounds = 0
+    grading = dict.fromkeys(("no_answer", "refused", "timeouts", "errors", "seconds"), 0.0)
     # Without the filter nothing is dropped: one round of exactly the train batch.
     round_size = r.gen_prompts if cfg.algo.dynamic_sampling else r.prompts_per_step
     while len(out.prompts) < r.prompts_per_step and rounds < r.max_num_gen_batches:
@@ -91,6 +97,8 @@ def collect_rollouts(
         completions = engine.generate([p.ids for p in prompts], params)
         golds = [p.answer for p in prompts for _ in range(k)]
         rewards = scorer(completions, golds)
+        for key in grading:
+            grading[key] += scorer.last_stats.get(key, 0)
         generated += len(completions)
         reward_sum += sum(rewards)
         length_sum += sum(len(c.token_ids) for c in completions)
@@ -113,6 +121,13 @@ def collect_rollouts(
         "rollout/groups_kept": n,
         "rollout/groups_all_right": all_right,
         "rollout/groups_all_wrong": all_wrong,
+        # answers the grader never saw or could not finish (all score 0): a rising count means the model
+        # stopped writing final answers, or writes ones that stall sympy
+        "reward/no_answer_frac": grading["no_answer"] / max(generated, 1),
+        "reward/refused": grading["refused"],
+        "reward/timeouts": grading["timeouts"],
+        "reward/errors": grading["errors"],
+        "time/grade_s": grading["seconds"],
     }
     return out
 
@@ -212,6 +227,20 @@ def sync_weights(actor: Actor, engine: RolloutEngine | None, version: int) -> fl
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_machine(cfg: TrainConfig) -> None:
+    """What the config asks of this machine (Transformer Engine for model.impl=te or FP8): a
+    ConfigError now, before a run directory exists, rather than from the actor later."""
+    from megatron_nft.model.qwen2 import te_available
+
+    layers = cfg.model.num_layers
+    if cfg.model.hf_path is not None:
+        from megatron_nft.model.hf_io import load_hf_config
+
+        layers = load_hf_config(cfg.model.hf_path).num_hidden_layers
+    model_options(cfg).resolved(cuda=torch.cuda.is_available(), te=te_available(), dtype=DTYPES[cfg.model.dtype],
+                                num_layers=layers, pp=cfg.parallel.pp)
+
+
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     """A new run gets a new directory; an existing one is only continued (run.resume) or replaced
     (run.overwrite) when asked."""
@@ -219,6 +248,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
     from megatron_nft.errors import CheckpointError
 
+    check_machine(cfg)
     run_dir = Path(cfg.run.dir)
     exists = run_dir.exists() and any(run_dir.iterdir())
     if exists and not (cfg.run.resume or cfg.run.overwrite):
@@ -331,6 +361,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         seed=cfg.run.seed,
         cp=cfg.parallel.cp,
         max_tokens_per_micro_batch=cfg.parallel.max_tokens_per_micro_batch,
+        options=model_options(cfg),
     )
     cursor = PromptCursor(train_prompts, seed=cfg.run.seed)
     start_step = 0

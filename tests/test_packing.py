@@ -115,6 +115,8 @@ def test_sequence_alignment_rule():
     assert sequence_alignment(tp=2, cp=2) == 8  # 2*cp zigzag chunks, each split over TP
     assert sequence_alignment(fp8=True) == 16
     assert sequence_alignment(tp=2, cp=3, fp8=True) == 48  # lcm(12, 16)
+    assert sequence_alignment(tp=2, cp=3, fp8=True, blockwise=True) == 384  # lcm(12, 128): 128-token blocks
+    assert sequence_alignment(tp=4, blockwise=True) == 4  # the recipe matters only under FP8
 
 
 def test_unpack_inverts_pack_and_is_its_adjoint():
@@ -454,3 +456,65 @@ def test_context_parallel_attention_is_autograd_exact(spawned):
     for rank_out in spawned:
         assert rank_out["attention_cp"]["out"] < 1e-6
         assert rank_out["attention_cp"]["grads"] < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# activation recompute (parallel.recompute): the same step, with the recomputed modules run twice
+# ------------------------------------------------------------------------------------------------
+
+
+def _forward_calls(actor) -> dict:
+    """Counts forward calls of core attention and MLP modules (forward hooks on the live model)."""
+    from megatron.core.transformer.mlp import MLP
+
+    from megatron_nft.model.attention import SdpaAttention
+
+    counts = {"core_attn": 0, "mlp": 0}
+    for module in actor.model.module.modules():
+        kind = "core_attn" if isinstance(module, SdpaAttention) else "mlp" if isinstance(module, MLP) else None
+        if kind:
+            module.register_forward_hook(lambda *_, kind=kind: counts.__setitem__(kind, counts[kind] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("recompute", ["core_attn", "mlp", "full"])
+@pytest.mark.parametrize("path", ["padded", "packed"])
+def test_recompute_gives_the_same_step(recompute, path, in_process, model_and_batch):
+    from megatron_nft.model.qwen2 import ModelOptions, shape_from_hf
+
+    config, state, batch, _ = model_and_batch
+    kw = {"max_tokens_per_micro_batch": BUDGET} if path == "packed" else {}
+    actor = _actor(shape_from_hf(config), state, options=ModelOptions(recompute=recompute), **kw)
+    assert actor.config.recompute_granularity == ("full" if recompute == "full" else "selective")
+    micro, _ = actor._local_microbatches({k: batch[k] for k in ("tokens", "loss_mask")})
+    counts = _forward_calls(actor)
+    metrics = actor.train_step(batch)
+    # each layer's forward runs once per micro-batch, and once more for what is recomputed
+    once = config.num_hidden_layers * len(micro)
+    twice = {"core_attn": {"core_attn"}, "mlp": {"mlp"}, "full": {"core_attn", "mlp"}}[recompute]
+    assert counts == {kind: once * (2 if kind in twice else 1) for kind in counts}
+    reference = in_process[path]
+    assert metrics["loss"] == pytest.approx(reference["metrics"]["loss"], rel=1e-6, abs=1e-9)
+    assert metrics["grad_norm"] == pytest.approx(reference["metrics"]["grad_norm"], rel=1e-6)
+    after, _ = actor.compute_logprobs(batch)
+    assert torch.allclose(after, reference["after"], atol=1e-6)  # the same update
+
+
+@pytest.mark.gpu
+def test_packed_actor_on_cuda_matches_padded(model_and_batch):
+    """On CUDA "auto" picks FlexAttention (compiled) for packed micro-batches without TE: the same
+    log-probs and step as the padded path (fp32 weights, so the tolerance is the kernels')."""
+    from megatron_nft.model.qwen2 import ModelOptions, shape_from_hf
+
+    config, state, batch, ref = model_and_batch
+    shape = shape_from_hf(config)
+    options = ModelOptions(impl="local")
+    padded = _run_actor(_actor(shape, state, options=options), batch)
+    packed_actor = _actor(shape, state, options=options, max_tokens_per_micro_batch=BUDGET)
+    assert packed_actor.options.packed_attention == "flex"
+    packed = _run_actor(packed_actor, batch)
+    mask = batch["loss_mask"].bool()
+    assert torch.allclose(packed["logprobs"][mask], ref[mask], atol=1e-4)
+    assert torch.allclose(packed["logprobs"][mask], padded["logprobs"][mask], atol=1e-4)
+    assert packed["metrics"]["loss"] == pytest.approx(padded["metrics"]["loss"], rel=1e-4, abs=1e-6)
+    assert packed["metrics"]["grad_norm"] == pytest.approx(padded["metrics"]["grad_norm"], rel=1e-4)

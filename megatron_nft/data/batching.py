@@ -44,17 +44,20 @@ def select_rows(batch: dict, index) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def sequence_alignment(*, tp: int = 1, cp: int = 1, fp8: bool = False) -> int:
+def sequence_alignment(*, tp: int = 1, cp: int = 1, fp8: bool = False, blockwise: bool = False) -> int:
     """The multiple every packed sequence's length is padded to.
 
     - Context parallel cuts each sequence into 2*cp equal chunks (rank r holds chunks r and
       2*cp-1-r, see data/context_parallel.py), and with sequence parallel each rank's share is cut
       again over TP: tp * cp * 2 when cp > 1.
     - Without CP, sequence parallel cuts the packed stream over TP: tp.
-    - FP8 GEMMs (Transformer Engine) need token counts that are multiples of 16: lcm(that, 16).
+    - FP8 GEMMs (Transformer Engine) need token counts that are multiples of 16, and the blockwise
+      recipe quantises in 128-token blocks: lcm(that, 16) or lcm(that, 128).
     (The same rule Megatron-LM's and verl's THD paths use.)"""
     align = tp * cp * 2 if cp > 1 else tp
-    return math.lcm(align, 16) if fp8 else align
+    if not fp8:
+        return align
+    return math.lcm(align, 128 if blockwise else 16)
 
 
 def needed_lengths(loss_mask: torch.Tensor) -> list[int]:

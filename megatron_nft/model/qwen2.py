@@ -6,6 +6,7 @@ non-SiLU activation) is refused with the field named, because a silently differe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -124,7 +125,90 @@ def te_available() -> bool:
     return True
 
 
-def transformer_config(shape: Qwen2Shape, *, dtype: torch.dtype, tp: int, pp: int, cp: int = 1):
+IMPLEMENTATIONS = ("auto", "te", "local")
+PACKED_ATTENTION = ("auto", "flex", "dense")
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+# The names megatron_nft.plan models; each maps to Megatron's recompute settings in _recompute_fields.
+RECOMPUTE = ("none", "core_attn", "mlp", "full")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How the Megatron model executes: which layers, which packed-attention kernel, FP8, activation
+    recompute. None of it changes the model's function beyond FP8's rounding (tests compare them).
+
+    impl: "te" is Megatron's Transformer Engine layer spec (fused kernels, THD attention, FP8), needs
+    CUDA and TE; "local" is megatron-core's own layers with model.attention.SdpaAttention as core
+    attention; "auto" takes te where it can run. packed_attention (local impl, packed sequences):
+    "flex" (FlexAttention with a block-sparse document mask, for GPUs) or "dense" (an explicit
+    [t, t] mask, for CPU tests); "auto": flex on CUDA, dense elsewhere. fp8: None, or the TE format
+    ("hybrid": e4m3 forward, e5m2 gradients) with fp8_recipe; fp8_bf16_layers keeps that many layers at
+    each end of the model in bf16. The output layer and the log-probs never run in FP8 (the actor's
+    fused log-probs read the output weight directly)."""
+
+    impl: str = "auto"
+    packed_attention: str = "auto"
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"
+    fp8_bf16_layers: int = 0
+    recompute: str = "none"
+
+    def resolved(self, *, cuda: bool, te: bool, dtype: torch.dtype, num_layers: int, pp: int) -> ModelOptions:
+        """The options with "auto" decided for this machine; a ConfigError for what it cannot run."""
+        for key, allowed in (("model.impl", IMPLEMENTATIONS), ("model.packed_attention", PACKED_ATTENTION),
+                             ("model.fp8_recipe", FP8_RECIPES), ("parallel.recompute", RECOMPUTE)):
+            value = getattr(self, key.split(".")[1])
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
+        if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
+            raise ConfigError(f"model.fp8={self.fp8!r}: allowed values are null, {', '.join(FP8_FORMATS)}")
+        if self.impl == "te" and not te:
+            raise ConfigError("model.impl=te needs CUDA and an importable transformer_engine (the NGC image); "
+                              "this machine has " + ("no transformer_engine" if cuda else "no CUDA"))
+        impl = self.impl if self.impl != "auto" else ("te" if te else "local")
+        if self.fp8 is not None:
+            if impl != "te":
+                raise ConfigError(f"model.fp8={self.fp8} needs Transformer Engine layers (model.impl=te, CUDA and "
+                                  f"transformer_engine); this run uses model.impl={impl}")
+            if dtype != torch.bfloat16:
+                raise ConfigError(f"model.fp8={self.fp8} needs model.dtype=bf16 (FP8 GEMMs keep bf16 master activations)")
+        stage_layers = num_layers // pp
+        if not 0 <= self.fp8_bf16_layers <= stage_layers:
+            raise ConfigError(f"model.fp8_bf16_layers={self.fp8_bf16_layers}: expected 0..{stage_layers} "
+                              f"(the layers of one pipeline stage)")
+        if self.packed_attention == "flex" and not cuda:
+            raise ConfigError("model.packed_attention=flex needs CUDA: torch's FlexAttention has no CPU backward "
+                              "(use dense or auto)")
+        attention = self.packed_attention if self.packed_attention != "auto" else ("flex" if cuda else "dense")
+        return dataclasses.replace(self, impl=impl, packed_attention=attention)
+
+    @property
+    def use_te(self) -> bool:
+        return self.impl == "te"
+
+
+def _recompute_fields(recompute: str) -> dict:
+    if recompute == "none":
+        return {}
+    if recompute == "full":
+        # every layer's input kept, the layer recomputed in backward, one layer per checkpoint
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return dict(recompute_granularity="selective", recompute_modules=[recompute])
+
+
+def _fp8_fields(options: ModelOptions) -> dict:
+    if options.fp8 is None:
+        return {}
+    fields = dict(fp8=options.fp8, fp8_recipe=options.fp8_recipe)
+    if options.fp8_bf16_layers:
+        fields.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=options.fp8_bf16_layers,
+                      num_layers_at_end_in_bf16=options.fp8_bf16_layers)
+    return fields
+
+
+def transformer_config(shape: Qwen2Shape, *, dtype: torch.dtype, tp: int, pp: int, cp: int = 1,
+                       options: ModelOptions = ModelOptions(impl="local", packed_attention="dense")):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
@@ -152,39 +236,46 @@ def transformer_config(shape: Qwen2Shape, *, dtype: torch.dtype, tp: int, pp: in
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         # On CPU: build full weights and split them (the CUDA init path needs a GPU), and turn off
-        # every fusion that needs apex/TE/CUDA kernels. On GPU, megatron-core's defaults stand.
+        # every fusion that needs CUDA kernels. On GPU, megatron-core's torch-scripted fusions stand.
+        # persist_layer_norm is apex's FusedLayerNorm only: the local spec without apex uses
+        # WrappedTorchNorm, which asserts it off, and TE's norms do not read it.
         use_cpu_initialization=not on_gpu,
         bias_activation_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
+        persist_layer_norm=False,
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **_recompute_fields(options.recompute),
+        **_fp8_fields(options),
     )
 
 
-def layer_spec(use_te: bool):
-    if use_te:
+def layer_spec(options: ModelOptions):
+    if options.use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
     from megatron_nft.model.attention import SdpaAttention
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     # Megatron's local DotProductAttention refuses packed (THD) sequences and context parallel;
     # SdpaAttention does both, and equals it on padded rows (tests/test_packing.py).
-    spec.submodules.self_attention.submodules.core_attention = SdpaAttention
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=SdpaAttention, params={"packed_backend": options.packed_attention}
+    )
     return spec
 
 
-def build_gpt_model(shape: Qwen2Shape, config, *, tp: int, use_te: bool, pre_process: bool, post_process: bool):
+def build_gpt_model(shape: Qwen2Shape, config, *, tp: int, options: ModelOptions, pre_process: bool, post_process: bool):
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(options),
         vocab_size=shape.padded_vocab_size(tp),
         max_sequence_length=shape.max_position_embeddings,
         pre_process=pre_process,
