@@ -65,32 +65,29 @@ def test_gemm_flops_match_the_counter_on_the_actor(bench):
     torch.manual_seed(0)
 
 
-def test_script_runs_on_cpu():
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", "tiny", "--tokens", "256", "--steps", "1", "--warmup", "0",
-         "--variants", "bf16,bf16+full"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
+def _result_rows(*args: str, timeout: int = 600) -> tuple[str, list[str]]:
+    """Runs the script with `args` and returns its stdout and its result rows (one per variant x budget)."""
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line for line in out.stdout.splitlines() if "-token budget" in line]
-    assert len(rows) == 2, out.stdout
+    return out.stdout, [line for line in out.stdout.splitlines() if "-token budget" in line]
+
+
+def test_script_runs_on_cpu():
+    stdout, rows = _result_rows("--model", "tiny", "--tokens", "256", "--steps", "1", "--warmup", "0",
+                                "--variants", "bf16,bf16+full")
+    assert len(rows) == 2, stdout
     assert "fp32" in rows[0] and "(1.00x baseline)" in rows[0]
     assert "(4 micro-batches of 256 tokens on average, 32 sequences)" in rows[0]  # the budget filled exactly
     assert "fp32+full" in rows[1]
     # recomputation changes the time, not the step: the same loss
     assert rows[0].rsplit("loss ", 1)[1] == rows[1].rsplit("loss ", 1)[1]
-    assert out.stdout.startswith("machine: ")
+    assert stdout.startswith("machine: ")
 
 
 @pytest.mark.gpu
 def test_script_runs_on_cuda_with_recompute():
     """The GPU path end to end at a small shape: bf16, compiled flex attention (local layers) or TE,
     recompute; MFU printed against the device's peak."""
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", "qwen2.5-0.5b", "--tokens", "2048", "--steps", "2", "--warmup", "1",
-         "--variants", "bf16,bf16+full"],
-        capture_output=True, text=True, timeout=1200, cwd=REPO,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line for line in out.stdout.splitlines() if "-token budget" in line]
-    assert len(rows) == 2 and all("MFU" in r and "GiB" in r for r in rows), out.stdout
+    stdout, rows = _result_rows("--model", "qwen2.5-0.5b", "--tokens", "2048", "--steps", "2", "--warmup", "1",
+                                "--variants", "bf16,bf16+full", timeout=1200)
+    assert len(rows) == 2 and all("MFU" in r and "GiB" in r for r in rows), stdout
