@@ -201,7 +201,7 @@ def test_launch_validates_the_trainer_config_before_generating_anything(cluster,
     cases = [
         (["paper/qwen2.5-32b-nft", "--cluster", cluster, "algo.epz=1", "--dryrun"], "unknown key 'algo.epz'"),
         (["paper/qwen2.5-32b-nft", "--cluster", cluster, "job.trainer_nodes=3", "--dryrun"],
-         "24 processes is not divisible by parallel.tp x pp x cp = 16"),
+         "24 processes is not divisible by parallel.tp x pp x cp = 32"),
         (["paper/qwen2.5-32b-nft", "--cluster", cluster, "cluster.acount=x", "--dryrun"], "unknown key 'cluster.acount'"),
         (["paper/qwen2.5-32b-nft", "--dryrun"], "cluster.account is not set"),
         (["paper/qwen2.5-32b-nft", "--cluster", cluster, "job.rollout_tp=3", "--dryrun"], "job.rollout_tp=3: must divide"),
@@ -297,3 +297,30 @@ def test_local_demo_on_two_ranks_through_nemo_run(tmp_path):
     # torchelastic wrote one log directory per worker: two ranks ran
     ranks = {p.parent.name for p in (tmp_path / "nemo").rglob("attempt_0/*/stderr.log")}
     assert ranks == {"0", "1"}
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_runs_fit_their_gpus_per_the_planner(name):
+    """Each paper launch's training layout (its train recipe's parallel settings on its trainer GPUs)
+    fits an H100-80GB by `megatron-nft plan`'s memory model (whose formulas tests/test_plan.py checks
+    against measured CPU peaks): a recipe that cannot start on the cluster is a bug here."""
+    from megatron_nft import plan as P
+    from megatron_nft.config import load_config
+
+    job = RECIPES[name]
+    cfg = load_config(REPO / job["train_recipe"])
+    p = cfg.parallel
+    gpus = job["trainer_nodes"] * job["gpus_per_node"]
+    assert gpus % (p.tp * p.pp * p.cp) == 0
+    layout = P.Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=gpus // (p.tp * p.pp * p.cp), recompute=p.recompute)
+    seq = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    work = P.Workload(
+        prompt_len=cfg.data.max_prompt_len, response_len=cfg.rollout.max_new_tokens,
+        prompts_per_step=cfg.rollout.prompts_per_step, samples_per_prompt=cfg.rollout.samples_per_prompt,
+        num_minibatches=cfg.algo.num_minibatches,
+        micro_batch_tokens=p.max_tokens_per_micro_batch or p.micro_batch_size * seq,
+    )
+    settings = P.Settings(fp8=cfg.model.fp8 is not None, rollout_gpus=job["rollout_nodes"] * job["gpus_per_node"],
+                          rollout_tp=job["rollout_tp"])
+    result = P.plan_layout(P.model_shape(cfg.model.hf_path.rsplit("/", 1)[1]), work, layout, settings)
+    assert result.fits, (str(layout), result.problems)
