@@ -37,6 +37,7 @@ from megatron_nft.model import mapping
 from megatron_nft.model.qwen2 import ModelOptions, Qwen2Shape, build_gpt_model, te_available, transformer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FINITE_CHECK_CHUNK = 1 << 24  # gradient elements per isfinite call in _grads_finite (~112 MiB of temporaries)
 
 
 def check_packing(cp: int, max_tokens_per_micro_batch: int | None) -> None:
@@ -580,11 +581,15 @@ class Actor:
         }
 
     def _grads_finite(self) -> bool:
-        """Whether every gradient on every rank is finite (one all-reduce over the world)."""
+        """Whether every gradient on every rank is finite (one all-reduce over the world).
+
+        The buffer is checked FINITE_CHECK_CHUNK elements at a time: torch.isfinite on a whole
+        multi-GB buffer would hold ~7 bytes of temporaries per element (megatron_nft.plan models
+        this phase). The flag stays on the device until the one all-reduce, so no per-chunk sync."""
         bad = torch.zeros(1, device=self.device)
         for buffer in self.model.buffers:
-            if not torch.isfinite(buffer.grad_data).all():
-                bad += 1
+            for chunk in buffer.grad_data.view(-1).split(FINITE_CHECK_CHUNK):
+                bad += ~torch.isfinite(chunk).all()
         if dist.is_initialized():
             dist.all_reduce(bad)
         return bad.item() == 0

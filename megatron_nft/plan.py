@@ -37,7 +37,8 @@ saves the final hidden states, labels and the log-sum-exp per token; its forward
 
 The phases of a step do not overlap, so a GPU's peak is the largest of: the training step (static +
 activations + working set); the gradient finiteness check after the backward (actor._grads_finite runs
-torch.isfinite on the whole fp32 gradient buffer: 7 bytes per element at once); with torch's
+torch.isfinite on the fp32 gradient buffer in chunks of actor.FINITE_CHECK_CHUNK elements: 7 bytes per
+element of one chunk); with torch's
 non-fused Adam (CPU) the optimizer step (one fp32 temporary per shard parameter); the old-log-prob
 forward, whose per-token log-probs and entropies of the whole batch are all-gathered over DP onto every
 GPU (2 * rows * S fp32); and, colocated, the actor's static memory next to SGLang's weights.
@@ -114,6 +115,7 @@ RECOMPUTE = {
 SEARCHED_RECOMPUTE = ("none", "mlp", "full")
 IMPLEMENTATIONS = ("te", "local")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+FINITE_CHECK_CHUNK = 1 << 24  # actor.FINITE_CHECK_CHUNK (this module imports no torch; a test ties them)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,10 +447,10 @@ def stage_phases(shape, work: Workload, layout: Layout, settings: Settings, stag
     params = sum(stage_parameters(shape, layout.tp, layout.pp, stage).values())
     phases = [
         Line("training step peak", sum(x.value for x in memory), "static + activations + working set (above)"),
-        # actor._grads_finite: torch.isfinite over the whole fp32 gradient buffer evaluates
+        # actor._grads_finite: torch.isfinite over one chunk of the fp32 gradient buffer evaluates
         # (g == g) * (|g| != inf), holding |g| and three boolean tensors at once
-        Line("gradient finiteness check", static + 7 * params,
-             f"static + 7 B x {params:,} gradient elements (torch.isfinite on the whole buffer)"),
+        Line("gradient finiteness check", static + 7 * min(params, FINITE_CHECK_CHUNK),
+             f"static + 7 B x {min(params, FINITE_CHECK_CHUNK):,} gradient elements (torch.isfinite, one chunk at a time)"),
     ]
     if settings.optimizer_scratch:
         # torch's (non-fused) Adam: one fp32 temporary per parameter of this rank's shard

@@ -66,6 +66,14 @@ def test_static_memory_is_megatrons_6_plus_12_over_d_bytes_per_parameter(dp, cp)
     assert plan.static_bytes / params == pytest.approx(6 + 12 / (dp * cp))
 
 
+def test_mirrored_constants_match_the_actor():
+    from megatron_nft import actor
+    from megatron_nft.model import logprobs
+
+    assert P.FINITE_CHECK_CHUNK == actor.FINITE_CHECK_CHUNK
+    assert P.Settings().logprob_chunk == logprobs.DEFAULT_CHUNK_SIZE
+
+
 def test_flops_match_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -141,7 +141,7 @@ def test_truncated_is_weights():
     torch.testing.assert_close(w, expected)
 
 
-def test_nonfinite_loss_skips_the_update(tmp_path):
+def test_nonfinite_loss_skips_the_update(tmp_path, monkeypatch):
     """A NaN in the batch (here an old log-prob) gives a NaN loss: no parameter moves, the step counter
     and the learning-rate schedule stay put, and the next finite batch updates normally."""
     from helpers import random_qwen2
@@ -175,3 +175,17 @@ def test_nonfinite_loss_skips_the_update(tmp_path):
         ok = actor.train_step({**batch, "old_logprobs": old + 0.1})
         assert not ok["nonfinite"] and ok["update_ok"] and actor.steps == step and actor.scheduler.num_steps == step
     assert any(not torch.equal(p.detach(), before[n]) for n, p in actor.model.module.named_parameters())
+
+    # the gradient check walks the buffer in chunks: a NaN or an inf anywhere, the last element
+    # included, is found whatever the chunk size
+    from megatron_nft import actor as actor_module
+
+    grads = actor.model.buffers[0].grad_data.view(-1)
+    grads.zero_()
+    for chunk in (actor_module.FINITE_CHECK_CHUNK, 7):
+        monkeypatch.setattr(actor_module, "FINITE_CHECK_CHUNK", chunk)
+        assert actor._grads_finite()
+        for where, value in ((0, float("nan")), (grads.numel() // 2, float("inf")), (grads.numel() - 1, float("-inf"))):
+            grads[where] = value
+            assert not actor._grads_finite(), (chunk, where)
+            grads[where] = 0.0
