@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         help="avg@k accuracy of an HF checkpoint on benchmark files, as a Markdown table (resumable).",
         description="avg@k accuracy of a Hugging Face checkpoint on benchmark JSON Lines files (the six "
         "paper benchmarks or any file with --problem-field/--answer-field). Writes OUT/<name>.jsonl per "
-        "problem and OUT/results.md; rerunning with the same --out resumes. Megatron checkpoints: export "
+        "problem and OUT/results.md; rerunning with the same --out resumes. Generation runs on the CPU "
+        "(--engine local) or on SGLang servers (--engine sglang). Megatron checkpoints: export "
         "them first with python -m checkpoints_tools.megatron_to_hf.",
     )
     ev.add_argument("--hf", required=True, help="Hugging Face checkpoint directory (weights, config, tokenizer)")
@@ -79,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--problem-field", default=None, help="for files that are not one of the six benchmarks")
     ev.add_argument("--answer-field", default=None, help="for files that are not one of the six benchmarks")
     ev.add_argument("--workers", type=int, default=None, help="grading processes (default: all cores)")
+    ev.add_argument("--engine", choices=["local", "local_http", "sglang"], default="local",
+                    help="local: this process, on CPU (small models); sglang: SGLang servers loading --hf "
+                    "(launched here on this node's GPUs, or --urls of running ones serving the same weights); "
+                    "local_http: the CPU engine behind SGLang's API (tests)")
+    ev.add_argument("--urls", nargs="+", default=[], metavar="URL", help="running servers to use instead of launching")
+    ev.add_argument("--num-servers", type=int, default=1, help="servers to launch (default: 1)")
+    ev.add_argument("--server-tp-size", type=int, default=1, help="GPUs per launched SGLang server (--tp-size)")
+    ev.add_argument("--sglang-python", default=None, help="interpreter with sglang installed (default: this one)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
     from megatron_nft import plan
@@ -96,19 +105,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_eval(args) -> dict:
-    """The local CPU engine from the checkpoint's weights, then evaluate.evaluate_benchmarks."""
+    """The engine (--engine) holding the checkpoint's weights, then evaluate.evaluate_benchmarks."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
     from megatron_nft.data.benchmarks import load_benchmark
     from megatron_nft.evaluate import evaluate_benchmarks, paper_sampling, paper_samples
-    from megatron_nft.model.hf_io import hf_tensor_reader, load_hf_config
-    from megatron_nft.model.mapping import hf_names
-    from megatron_nft.model.qwen2 import shape_from_hf
-    from megatron_nft.rollout import LocalEngine
-
     from megatron_nft.errors import ConfigError
+    from megatron_nft.model.hf_io import load_hf_config
+    from megatron_nft.model.qwen2 import shape_from_hf
 
     config = load_hf_config(args.hf)
     shape = shape_from_hf(config)
@@ -123,24 +129,54 @@ def _run_eval(args) -> dict:
         benchmarks[Path(path).stem] = problems
     overrides = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
     sampling = paper_sampling(args.model_size, args.max_new_tokens, **overrides)
-    engine = LocalEngine(config)
-    fetch = hf_tensor_reader(args.hf)
-    engine.update_weights(((name, fetch(name)) for name in hf_names(shape)), version=0)
-    return evaluate_benchmarks(
-        engine,
-        AutoTokenizer.from_pretrained(args.hf),
-        benchmarks,
-        out_dir=args.out,
-        samples={name: args.samples or paper_samples(name) for name in benchmarks},
-        sampling=sampling,
-        template=args.template,
-        chat=args.chat,
-        grader=args.grader,
-        max_prompt_len=shape.max_position_embeddings - args.max_new_tokens,
-        workers=args.workers,
-        model_name=Path(args.hf).name,
-        progress=not args.quiet,
-    )
+    engine = _eval_engine(args, config, shape)
+    try:
+        return evaluate_benchmarks(
+            engine,
+            AutoTokenizer.from_pretrained(args.hf),
+            benchmarks,
+            out_dir=args.out,
+            samples={name: args.samples or paper_samples(name) for name in benchmarks},
+            sampling=sampling,
+            template=args.template,
+            chat=args.chat,
+            grader=args.grader,
+            max_prompt_len=shape.max_position_embeddings - args.max_new_tokens,
+            workers=args.workers,
+            model_name=Path(args.hf).name,
+            progress=not args.quiet,
+        )
+    finally:
+        engine.close()
+
+
+def _eval_engine(args, config, shape):
+    """The rollout engine evaluation generates with, holding the --hf weights (the training engines)."""
+    from pathlib import Path
+
+    from megatron_nft.config import RolloutConfig
+    from megatron_nft.errors import ConfigError
+    from megatron_nft.model.hf_io import hf_tensor_reader
+    from megatron_nft.model.mapping import hf_names
+    from megatron_nft.rollout import LocalEngine, make_engine
+
+    if args.urls and args.engine == "local":
+        raise ConfigError("--urls needs --engine sglang or local_http")
+    for flag, value in (("--num-servers", args.num_servers), ("--server-tp-size", args.server_tp_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be >= 1")
+    if args.engine == "local":
+        engine = LocalEngine(config)
+    else:
+        rollout = RolloutConfig(engine=args.engine, urls=list(args.urls), num_servers=args.num_servers,
+                                server_tp_size=args.server_tp_size, sglang_python=args.sglang_python)
+        # server logs (and the local server's staged weights) go beside the results
+        engine = make_engine(rollout, hf_config=config, model_path=args.hf, run_dir=Path(args.out),
+                             progress=not args.quiet)
+    if args.engine != "sglang":  # SGLang servers load --hf themselves; the CPU engines start empty
+        fetch = hf_tensor_reader(args.hf)
+        engine.update_weights(((name, fetch(name)) for name in hf_names(shape)), version=0)
+    return engine
 
 
 def _quiet_libraries() -> None:

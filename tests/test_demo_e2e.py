@@ -138,3 +138,19 @@ def test_eval_command_writes_a_resumable_table(demo_run, tmp_path, capsys):
                  "--max-new-tokens", "8", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "aime24" in err[0]
+
+
+def test_eval_through_http_servers_equals_the_local_engine(demo_run, tmp_path):
+    """`megatron-nft eval --engine local_http`: launched server processes behind SGLang's API, weights
+    pushed from --hf, the same answers as the in-process engine at (near-)greedy sampling."""
+    bench = tmp_path / "arith.jsonl"
+    bench.write_text("".join(json.dumps({"q": f"What is {a} + {b}?", "a": str(a + b)}) + "\n" for a, b in [(1, 2), (3, 4), (5, 1), (2, 2)]))
+    common = ["--hf", str(demo_run / "hf"), "--benchmarks", str(bench), "--samples", "2", "--template", "dapo",
+              "--max-new-tokens", "8", "--problem-field", "q", "--answer-field", "a", "--temperature", "0.001", "--quiet"]
+    assert main(["eval", *common, "--out", str(tmp_path / "local")]) == 0
+    assert main(["eval", *common, "--out", str(tmp_path / "http"), "--engine", "local_http", "--num-servers", "2"]) == 0
+    local, http = ([json.loads(line) for line in (tmp_path / d / "arith.jsonl").read_text().splitlines()] for d in ("local", "http"))
+    assert [(r["id"], r["responses"], r["scores"]) for r in http] == [(r["id"], r["responses"], r["scores"]) for r in local]
+    assert (tmp_path / "http" / "results.md").read_text().split("\n", 1)[1] == (tmp_path / "local" / "results.md").read_text().split("\n", 1)[1]
+    assert list((tmp_path / "http" / "rollout_servers").glob("*.log"))
+    assert not list((tmp_path / "http").glob("weight_sync/*"))  # staged weights cleaned up
