@@ -482,8 +482,9 @@ class Actor:
         """One optimizer step on a minibatch: returns loss, grad norm, lr and the loss stats.
 
         `group_size` (K answers per prompt, rows grouped contiguously) is needed by InfoNCA, whose loss
-        contrasts a prompt's answers: every micro-batch then holds whole groups. An optional
-        `reward_std` [B] in the batch feeds GRPO/DAPO's advantage when rewards are shaped."""
+        contrasts a prompt's answers: micro-batches hold whole groups when they fit, else the step is
+        split (see _split_group_coefficients). An optional `reward_std` [B] in the batch feeds
+        GRPO/DAPO's advantage when rewards are shaped."""
         self.model.train()
         algo = self.algo.resolved()
         # token_mean (group_mean) over the whole minibatch == a sum divided by the minibatch's token
@@ -494,16 +495,17 @@ class Actor:
             norm = max(float(batch["loss_mask"].sum()), 1.0)
         else:
             norm = max(float(self._groups_with_tokens(batch["loss_mask"], group_size)), 1.0)
-        packed = self.max_tokens_per_micro_batch is not None  # the packer keeps groups whole itself
-        if algo.name == "infonca" and (group_size is None or (not packed and self.micro_batch_size % group_size)):
-            raise ValueError(
-                f"infonca needs whole groups per micro-batch: micro_batch_size={self.micro_batch_size} must be a "
-                f"multiple of group_size={group_size}"
-            )
+        if algo.name == "infonca" and group_size is None:
+            raise ValueError("infonca needs group_size (the K answers of a prompt are contrasted)")
         keys = ["tokens", "loss_mask", "old_logprobs", "rewards", "correct_rate"] + (["reward_std"] if "reward_std" in batch else [])
-        # Only InfoNCA's loss contrasts a prompt's rows, so only it makes packing keep groups whole
-        # (a whole group must then fit parallel.max_tokens_per_micro_batch).
-        whole_groups = group_size if algo.name == "infonca" else None
+        # Only InfoNCA's loss contrasts a prompt's rows: micro-batches keep its groups whole when they
+        # fit, else every row gets its exact per-token loss gradient from a forward pass first.
+        whole_groups = group_size if algo.name == "infonca" and self._groups_fit(batch, group_size) else None
+        split = None
+        if algo.name == "infonca" and whole_groups is None:
+            split = self._split_group_coefficients(batch, group_size, norm)
+            batch = {**batch, "coef": split["coef"]}
+            keys.append("coef")
         micro, _ = self._local_microbatches({k: batch[k] for k in keys}, group_size=whole_groups)
         # Megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP
         # averages gradients over data-parallel ranks; undo both so the gradient is that of the
@@ -513,6 +515,8 @@ class Actor:
         def loss_func_for(mb):
             def loss_func(output):
                 logprobs, entropy = output[0], output[1]
+                if split is not None:
+                    return self._surrogate_loss(mb, logprobs, entropy, undo)
                 loss, stats = policy_loss(
                     algo.name,
                     logprobs,
@@ -554,6 +558,8 @@ class Actor:
             self.optimizer.zero_grad()
             outputs = self._run(micro, loss_func_for, forward_only=False)
         totals, maxima = self._reduce_step_stats(outputs)
+        if split is not None:
+            totals["loss"] = split["loss"]  # the surrogate's value is not the loss; the pre-pass's is
         # A non-finite loss or gradient skips the update on every rank (they all see the same totals and
         # the same all-reduced gradient check), as Megatron-LM skips an fp16 step that overflowed; the
         # scheduler does not advance either. The caller decides when too many skips end the run.
@@ -579,6 +585,56 @@ class Actor:
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens": totals["tokens"],
         }
+
+    def _groups_fit(self, batch: dict, group_size: int) -> bool:
+        """Whether micro-batches can hold whole groups: rows per micro-batch a multiple of K, or every
+        group within the packed token budget (rows padded as the packer pads them)."""
+        if self.max_tokens_per_micro_batch is None:
+            return self.micro_batch_size % group_size == 0
+        align = sequence_alignment(tp=self.tp, cp=self.cp, fp8=self.options.fp8 is not None,
+                                   blockwise=self.options.fp8_recipe == "blockwise")
+        padded = torch.tensor([-(-n // align) * align for n in needed_lengths(batch["loss_mask"])])
+        return int(padded.view(-1, group_size).sum(dim=1).max()) <= self.max_tokens_per_micro_batch
+
+    def _split_group_coefficients(self, batch: dict, group_size: int, norm: float) -> dict:
+        """InfoNCA when a group does not fit a micro-batch: its loss L couples the K answers of a prompt
+        only through their sequence log-probs, so with the per-token log-probs l of the whole minibatch
+        under the current weights (one forward pass, no activations kept), c = dL/dl (autograd through
+        policy_loss, on CPU) gives sum(c * l) whose gradient in the weights is exactly L's at this
+        point; micro-batches of any rows then train on that per-token surrogate. Costs one more
+        forward than whole-group micro-batches. Returns the coefficients [B, S] and L's value."""
+        algo = self.algo.resolved()
+        current, _ = self.compute_logprobs({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]})
+        self.model.train()
+        current = current.double().requires_grad_()
+        loss, _ = policy_loss(
+            "infonca", current, batch["old_logprobs"].double(), batch["rewards"].double(),
+            batch["correct_rate"].double(), batch["loss_mask"].double(), agg="token_sum_norm", agg_norm=norm,
+            group_size=group_size, beta=algo.beta, sft_coef=algo.sft_coef, target_temperature=algo.target_temperature,
+        )
+        (coef,) = torch.autograd.grad(loss, current)
+        return {"coef": coef.float(), "loss": float(loss)}
+
+    def _surrogate_loss(self, mb: dict, logprobs: torch.Tensor, entropy: torch.Tensor, undo: int):
+        """A micro-batch's share of the split-group surrogate sum(c * l), with the per-token stats the
+        step reports (ratios to the old policy, entropy, token counts)."""
+        mask = mb["loss_mask"].float()
+        valid = mask > 0
+        surrogate = (mb["coef"] * torch.where(valid, logprobs.float(), 0.0)).sum()
+        ratio = torch.exp(torch.where(valid, logprobs.detach().float() - mb["old_logprobs"].float(), 0.0))
+        none = torch.tensor(-math.inf, device=mask.device)
+        sums = {
+            "loss": surrogate.detach().clone(),
+            "entropy_sum": (entropy.detach() * mask).sum(),
+            "tokens": valid.sum().float(),
+            "ratio_sum": (ratio * valid).sum(),
+            "neg_tokens": (valid & (mb["rewards"].float()[:, None] <= 0.5)).sum().float(),
+            "neg_floor_tokens": torch.zeros((), device=mask.device),
+            "clip_tokens": torch.zeros((), device=mask.device),
+            "neg_ratio_min": -ratio[valid].min() if valid.any() else none,
+            "ratio_max": ratio[valid].max() if valid.any() else none,
+        }
+        return surrogate * undo, sums
 
     def _grads_finite(self) -> bool:
         """Whether every gradient on every rank is finite (one all-reduce over the world).

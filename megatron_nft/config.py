@@ -397,12 +397,6 @@ def _validate_algorithm_combination(cfg: TrainConfig) -> None:
         _require(a.beta > 0, f"algo.beta={a.beta}: must be > 0")
         _require(a.sft_coef >= 0, f"algo.sft_coef={a.sft_coef}: must be >= 0")
         _require(a.target_temperature >= 0, f"algo.target_temperature={a.target_temperature}: must be >= 0")
-        k, mbs = r.samples_per_prompt, cfg.parallel.micro_batch_size
-        _require(
-            mbs % k == 0 or cfg.parallel.max_tokens_per_micro_batch is not None,  # packing keeps groups whole
-            f"parallel.micro_batch_size={mbs}: algo.name=infonca needs each prompt's {k} answers in one micro-batch, "
-            f"so it must be a multiple of rollout.samples_per_prompt={k}",
-        )
     buffer = rw.overlong_buffer or 0
     _require(buffer >= 0, f"reward.overlong_buffer={buffer}: must be >= 0")
     _require(rw.overlong_penalty >= 0, f"reward.overlong_penalty={rw.overlong_penalty}: must be >= 0")

@@ -63,16 +63,21 @@ def _worker(rank, world_size, models, batch):
                 "exported": exported if rank == 0 else None,
             }
             del actor
-    # InfoNCA contrasts whole groups (K = 2 here): at DP=2 each rank's micro-batches must hold whole groups
+    # InfoNCA contrasts whole groups (K = 2 here): micro-batches of 2 rows hold whole groups on each
+    # DP rank; micro-batches of 1 row split every group (the step's forward pre-pass path)
     label, (config, state) = next(iter(models.items()))
-    actor = Actor(
-        shape_from_hf(config),
-        micro_batch_size=2,
-        optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0),
-        algo=AlgoConfig(name="infonca", beta=0.5, sft_coef=0.2),
-    )
-    actor.load_hf(lambda n: state[n])
-    results[(label, "infonca")] = actor.train_step(batch, group_size=2)
+    for name, rows in (("infonca", 2), ("infonca_split", 1)):
+        actor = Actor(
+            shape_from_hf(config),
+            micro_batch_size=rows,
+            optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0),
+            algo=AlgoConfig(name="infonca", beta=0.5, sft_coef=0.2),
+        )
+        actor.load_hf(lambda n: state[n])
+        metrics = actor.train_step(batch, group_size=2)
+        after, _ = actor.compute_logprobs(batch)
+        results[(label, name)] = {**metrics, "after": after}
+        del actor
     return results
 
 
@@ -152,3 +157,10 @@ def test_infonca_step_on_data_parallel_ranks_matches_policy_loss(parallel_result
     )
     assert abs(expected.item()) > 1e-3
     assert out[("untied", "infonca")]["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    # groups split over micro-batches: the same loss, gradient and update
+    whole, split = out[("untied", "infonca")], out[("untied", "infonca_split")]
+    assert split["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+    assert torch.allclose(split["after"], whole["after"], atol=1e-6)
+    mask = b["loss_mask"].bool()
+    assert (whole["after"][mask] - ref_lp["untied"][mask]).abs().max() > 1e-3  # the step moved the policy

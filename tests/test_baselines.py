@@ -179,7 +179,6 @@ def test_switching_algorithm_is_one_field(name, agg, dynamic, buffer):
     "overrides, words",
     [
         (["algo.name=infonca", "rollout.samples_per_prompt=1"], ["infonca", "samples_per_prompt=1"]),
-        (["algo.name=infonca", "parallel.micro_batch_size=12"], ["infonca", "micro_batch_size=12", "multiple"]),
         (["algo.name=infonca", "algo.agg=token_mean"], ["infonca", "token_mean"]),
         (["algo.name=grpo", "algo.agg=group_mean"], ["group_mean", "infonca"]),
         (["algo.name=nft", "reward.overlong_buffer=2"], ["overlong_buffer=2", "nft"]),

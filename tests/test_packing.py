@@ -406,6 +406,32 @@ def test_packed_infonca_keeps_groups_whole(model_and_batch):
     assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.parametrize("path", ["padded", "packed"])
+def test_infonca_groups_larger_than_a_micro_batch_give_the_same_step(path, model_and_batch):
+    # 2-row micro-batches or a 20-token budget cannot hold a group of 4 rows (up to 45 tokens): the
+    # step then takes per-token coefficients from a forward pre-pass; loss, gradient and update equal
+    # the whole-group step's.
+    from megatron_nft.model.qwen2 import shape_from_hf
+
+    config, state, batch, _ = model_and_batch
+    shape = shape_from_hf(config)
+    algo = dict(algo=AlgoConfig(name="infonca", sft_coef=0.5))
+    whole_actor = _actor(shape, state, micro_batch_size=4, **algo)
+    whole = whole_actor.train_step(batch, group_size=4)
+    split_kw = {"micro_batch_size": 2} if path == "padded" else {"max_tokens_per_micro_batch": 20}
+    split_actor = _actor(shape, state, **split_kw, **algo)
+    assert not split_actor._groups_fit(batch, 4)
+    split = split_actor.train_step(batch, group_size=4)
+    assert abs(whole["loss"]) > 1e-3
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+    assert split["tokens"] == whole["tokens"] and split["ratio_mean"] == pytest.approx(whole["ratio_mean"], rel=1e-6)
+    after_whole, _ = whole_actor.compute_logprobs(batch)
+    after_split, _ = split_actor.compute_logprobs(batch)
+    mask = batch["loss_mask"].bool()  # the packed path leaves positions past a row's last label at 0
+    assert torch.allclose(after_split[mask], after_whole[mask], atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def spawned(model_and_batch):
     config, state, batch, _ = model_and_batch
