@@ -10,6 +10,7 @@ on two CPU ranks through LocalExecutor + torchrun.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -29,10 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def stdin_at_eof(monkeypatch):
     # NeMo-Run's GitArchivePackager shells out through invoke, which mirrors stdin: pytest's
-    # captured stdin refuses to be read, a terminal (or /dev/null) does not.
-    with open(os.devnull) as devnull:
-        monkeypatch.setattr("sys.stdin", devnull)
-        yield
+    # captured stdin refuses to be read. An empty in-memory stream reads as EOF at once; a freshly
+    # opened /dev/null would too, but invoke select()s on a real file's descriptor, which fails
+    # above 1024 when earlier tests in this process left many open (gloo, see runtime.py).
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    yield
 
 
 @pytest.fixture
