@@ -286,8 +286,8 @@ def _destroy_model_parallel(parallel_state) -> None:
     """parallel_state.destroy_model_parallel() forgets Megatron's groups, but torch keeps each in its
     registry until it is destroyed (measured: 20 more registered groups per actor a process builds).
     So a new layout destroys every group created since the previous one began, keeping the ones from
-    before (the default group). Known remainder: gloo still holds ~80 file descriptors per actor built
-    in one process (not traced; the trainer builds one actor, tests build many)."""
+    before (the default group). The groups' descriptors are only freed once nothing holds them:
+    actor._release breaks the cycle that kept every previous actor's DDP (and its groups) alive."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     keep = set(_groups_before_layout) or {dist.group.WORLD}

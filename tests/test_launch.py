@@ -32,7 +32,7 @@ def stdin_at_eof(monkeypatch):
     # NeMo-Run's GitArchivePackager shells out through invoke, which mirrors stdin: pytest's
     # captured stdin refuses to be read. An empty in-memory stream reads as EOF at once; a freshly
     # opened /dev/null would too, but invoke select()s on a real file's descriptor, which fails
-    # above 1024 when earlier tests in this process left many open (gloo, see runtime.py).
+    # above 1024 if earlier tests in this process left many open (as leaked actors once did).
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     yield
 
