@@ -50,6 +50,7 @@ def _release(model, config) -> None:
     for name in ("no_sync_func", "finalize_model_grads_func", "grad_scale_func"):
         setattr(config, name, None)
 
+
 FINITE_CHECK_CHUNK = 1 << 24  # gradient elements per isfinite call in _grads_finite (~112 MiB of temporaries)
 
 
@@ -174,8 +175,12 @@ class Actor:
         _latest = (self.model, self.config)
 
     def close(self) -> None:
-        """Lets this actor's model be freed (see _release); the actor is unusable afterwards."""
+        """Lets this actor's model be freed now rather than when the next actor is built (see
+        _release); the actor is unusable afterwards."""
+        global _latest
         _release(self.model, self.config)
+        if _latest is not None and _latest[0] is self.model:
+            _latest = None
 
     # ------------------------------------------------------------------------------------------------
     # weights

@@ -17,6 +17,7 @@ optimizer states) is the step's peak above what was already allocated (the least
 
 from __future__ import annotations
 
+import gc
 import itertools
 import re
 
@@ -159,7 +160,9 @@ def _memory_worker(rank, world_size, cases):
         out.append({"case": (h, layers, heads, kv, ffn, vocab, seq, mbs, rows, tp, pp), "stage": actor.pp_rank,
                     "dp": actor.dp, "peak": peak, "retained": retained,
                     "params": sum(p.numel() for p in actor.model.module.parameters())})
+        actor.close()  # freed here, not inside the next case's measurement
         del actor
+        gc.collect()
     return out
 
 
