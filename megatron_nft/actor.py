@@ -338,8 +338,7 @@ class Actor:
             lengths,
             max_tokens=self.max_tokens_per_micro_batch,
             dp=self.dp,
-            align=sequence_alignment(tp=self.tp, cp=self.cp, fp8=self.options.fp8 is not None,
-                                     blockwise=self.options.fp8_recipe == "blockwise"),
+            align=self._alignment,
             group_size=group_size,
         )[self.dp_rank]
         if self.pp > 1:
@@ -615,13 +614,18 @@ class Actor:
             "tokens": totals["tokens"],
         }
 
+    @property
+    def _alignment(self) -> int:
+        """The multiple packed sequences are padded to (TP x CP zigzag, FP8 GEMM blocks)."""
+        return sequence_alignment(tp=self.tp, cp=self.cp, fp8=self.options.fp8 is not None,
+                                  blockwise=self.options.fp8_recipe == "blockwise")
+
     def _groups_fit(self, batch: dict, group_size: int) -> bool:
         """Whether micro-batches can hold whole groups: rows per micro-batch a multiple of K, or every
         group within the packed token budget (rows padded as the packer pads them)."""
         if self.max_tokens_per_micro_batch is None:
             return self.micro_batch_size % group_size == 0
-        align = sequence_alignment(tp=self.tp, cp=self.cp, fp8=self.options.fp8 is not None,
-                                   blockwise=self.options.fp8_recipe == "blockwise")
+        align = self._alignment
         padded = torch.tensor([-(-n // align) * align for n in needed_lengths(batch["loss_mask"])])
         return int(padded.view(-1, group_size).sum(dim=1).max()) <= self.max_tokens_per_micro_batch
 

@@ -367,10 +367,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.eval.samples >= 1, "eval.samples must be >= 1")
     _require(not (cfg.run.resume and cfg.run.overwrite), "run.resume and run.overwrite exclude each other")
     _require(cfg.model.megatron_ckpt is None or cfg.model.hf_path is not None, "model.megatron_ckpt needs model.hf_path (its config and tokenizer)")
-    m = cfg.model
-    _require(m.fp8 is None or m.dtype == "bf16", f"model.fp8={m.fp8} needs model.dtype=bf16 (got {m.dtype})")
-    _require(m.fp8 is None or m.impl != "local", f"model.fp8={m.fp8} needs Transformer Engine layers: model.impl=te or auto, not local")
-    _require(m.fp8_bf16_layers >= 0, f"model.fp8_bf16_layers={m.fp8_bf16_layers}: must be >= 0")
+    model_options(cfg).check(bf16=cfg.model.dtype == "bf16")  # what the machine decides waits for the actor
     if cfg.data.task == "jsonl":
         _require(cfg.data.train_path is not None, "data.task=jsonl needs data.train_path")
         _require(cfg.model.hf_path is not None, "data.task=jsonl needs model.hf_path (a checkpoint with its tokenizer)")

@@ -154,8 +154,9 @@ class ModelOptions:
     fp8_bf16_layers: int = 0
     recompute: str = "none"
 
-    def resolved(self, *, cuda: bool, te: bool, dtype: torch.dtype, num_layers: int, pp: int) -> ModelOptions:
-        """The options with "auto" decided for this machine; a ConfigError for what it cannot run."""
+    def check(self, *, bf16: bool) -> None:
+        """What no machine can run: unknown values, FP8 without bf16 or on Megatron's own layers, a
+        negative layer count. A ConfigError naming the key; config.validate calls it at load."""
         for key, allowed in (("model.impl", IMPLEMENTATIONS), ("model.packed_attention", PACKED_ATTENTION),
                              ("model.fp8_recipe", FP8_RECIPES), ("parallel.recompute", RECOMPUTE)):
             value = getattr(self, key.split(".")[1])
@@ -163,18 +164,29 @@ class ModelOptions:
                 raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
         if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
             raise ConfigError(f"model.fp8={self.fp8!r}: allowed values are null, {', '.join(FP8_FORMATS)}")
+        if self.fp8 is not None:
+            if self.impl == "local":
+                self._fp8_needs_te("local")
+            if not bf16:
+                raise ConfigError(f"model.fp8={self.fp8} needs model.dtype=bf16 (FP8 GEMMs keep bf16 master activations)")
+        if self.fp8_bf16_layers < 0:
+            raise ConfigError(f"model.fp8_bf16_layers={self.fp8_bf16_layers}: must be >= 0")
+
+    def _fp8_needs_te(self, impl: str):
+        raise ConfigError(f"model.fp8={self.fp8} needs Transformer Engine layers (model.impl=te, CUDA and "
+                          f"transformer_engine); this run uses model.impl={impl}")
+
+    def resolved(self, *, cuda: bool, te: bool, dtype: torch.dtype, num_layers: int, pp: int) -> ModelOptions:
+        """The options with "auto" decided for this machine; a ConfigError for what it cannot run."""
+        self.check(bf16=dtype == torch.bfloat16)
         if self.impl == "te" and not te:
             raise ConfigError("model.impl=te needs CUDA and an importable transformer_engine (the NGC image); "
                               "this machine has " + ("no transformer_engine" if cuda else "no CUDA"))
         impl = self.impl if self.impl != "auto" else ("te" if te else "local")
-        if self.fp8 is not None:
-            if impl != "te":
-                raise ConfigError(f"model.fp8={self.fp8} needs Transformer Engine layers (model.impl=te, CUDA and "
-                                  f"transformer_engine); this run uses model.impl={impl}")
-            if dtype != torch.bfloat16:
-                raise ConfigError(f"model.fp8={self.fp8} needs model.dtype=bf16 (FP8 GEMMs keep bf16 master activations)")
+        if self.fp8 is not None and impl != "te":
+            self._fp8_needs_te(impl)
         stage_layers = num_layers // pp
-        if not 0 <= self.fp8_bf16_layers <= stage_layers:
+        if self.fp8_bf16_layers > stage_layers:
             raise ConfigError(f"model.fp8_bf16_layers={self.fp8_bf16_layers}: expected 0..{stage_layers} "
                               f"(the layers of one pipeline stage)")
         if self.packed_attention == "flex" and not cuda:
