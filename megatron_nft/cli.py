@@ -3,7 +3,7 @@
     megatron-nft demo                                  # the embedded CPU default (recipes/demo.yaml)
     megatron-nft train --recipe recipes/demo.yaml run.dir=runs/x algo.eps=0.5
     megatron-nft config --recipe recipes/demo.yaml     # print the resolved config and exit
-    megatron-nft eval --hf runs/demo/hf --benchmarks data/aime24.jsonl --out runs/demo/eval
+    megatron-nft eval --hf runs/demo/hf --benchmarks aime24 amc23 --out runs/demo/eval
     megatron-nft plan --model qwen2.5-32b --gpus 128 --prompt-len 2048 --response-len 14336
 
 Overrides are `section.key=value` (sections: model, parallel, optim, algo, rollout, data, reward,
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
             "  megatron-nft demo run.overwrite=true algo.eps=0.5   # replace runs/demo, other NFT floor\n"
             "  megatron-nft train --recipe my.yaml model.hf_path=/ckpt/Qwen2.5-Math-7B run.dir=runs/x\n"
             "  megatron-nft config --recipe recipes/demo.yaml      # print the resolved config\n"
-            "  megatron-nft eval --hf runs/demo/hf --benchmarks aime24.jsonl --out runs/demo/eval\n"
+            "  megatron-nft eval --hf runs/demo/hf --benchmarks aime24 amc23 --out runs/demo/eval\n"
             "  megatron-nft plan --model qwen2.5-32b --gpus 128 --prompt-len 2048 --response-len 14336\n\n"
             "Overrides are section.key=value; sections: model parallel optim algo rollout data reward eval\n"
             "warmup run. Multi-GPU: torchrun --nproc-per-node N -m megatron_nft.cli train ..."
@@ -61,13 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         "eval",
         help="avg@k accuracy of an HF checkpoint on benchmark files, as a Markdown table (resumable).",
         description="avg@k accuracy of a Hugging Face checkpoint on benchmark JSON Lines files (the six "
-        "paper benchmarks or any file with --problem-field/--answer-field). Writes OUT/<name>.jsonl per "
+        "paper benchmarks, by name, or any file with --problem-field/--answer-field). Writes OUT/<name>.jsonl per "
         "problem and OUT/results.md; rerunning with the same --out resumes. Generation runs on the CPU "
         "(--engine local) or on SGLang servers (--engine sglang). Megatron checkpoints: export "
         "them first with python -m checkpoints_tools.megatron_to_hf.",
     )
     ev.add_argument("--hf", required=True, help="Hugging Face checkpoint directory (weights, config, tokenizer)")
-    ev.add_argument("--benchmarks", required=True, nargs="+", metavar="FILE", help="benchmark .jsonl files")
+    ev.add_argument("--benchmarks", required=True, nargs="+", metavar="NAME_OR_FILE",
+                    help="benchmark names (the shipped copies: aime24 aime25 amc23 math500 minerva_math "
+                    "olympiadbench) or .jsonl files")
     ev.add_argument("--out", required=True, help="output directory (resumed if it exists)")
     ev.add_argument("--samples", type=int, default=None, help="answers per problem (default: the paper's, 32 for AIME/AMC, 1 otherwise)")
     ev.add_argument("--model-size", choices=["7b", "32b"], default="7b", help="paper sampling: temperature 0.6 (7b) or 1.0 (32b), top_p 0.7")
@@ -110,12 +112,13 @@ def _run_eval(args) -> dict:
 
     from transformers import AutoTokenizer
 
-    from megatron_nft.data.benchmarks import load_benchmark
+    from megatron_nft.data.benchmarks import load_benchmark, resolve_benchmark
     from megatron_nft.evaluate import evaluate_benchmarks, paper_sampling, paper_samples
     from megatron_nft.errors import ConfigError
     from megatron_nft.model.hf_io import load_hf_config
     from megatron_nft.model.qwen2 import shape_from_hf
 
+    paths = [resolve_benchmark(spec) for spec in args.benchmarks]  # a bad name fails before any loading
     config = load_hf_config(args.hf)
     shape = shape_from_hf(config)
     if args.max_new_tokens >= shape.max_position_embeddings:
@@ -124,7 +127,7 @@ def _run_eval(args) -> dict:
             f"{shape.max_position_embeddings}-token context ({args.hf}/config.json max_position_embeddings)"
         )
     benchmarks = {}
-    for path in args.benchmarks:
+    for path in paths:
         problems = load_benchmark(path, problem_field=args.problem_field, answer_field=args.answer_field)
         benchmarks[Path(path).stem] = problems
     overrides = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}

@@ -1,17 +1,24 @@
-"""Benchmark loaders (megatron_nft.data.benchmarks) on the six shared files and on synthetic files."""
+"""Benchmark loaders (megatron_nft.data.benchmarks) on the six shipped files and on synthetic files; names on the command line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from megatron_nft.data.benchmarks import BenchmarkProblem, benchmark_names, load_benchmark
+from megatron_nft.data.benchmarks import (
+    BENCHMARK_DIR,
+    BenchmarkProblem,
+    benchmark_file,
+    benchmark_names,
+    load_benchmark,
+    resolve_benchmark,
+)
 from megatron_nft.errors import ConfigError, DataError
 
-BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
-needs_data = pytest.mark.skipif(not BENCHMARKS.is_dir(), reason=f"benchmark data folder {BENCHMARKS} is absent")
+BENCHMARKS = BENCHMARK_DIR
 
 EXPECTED = {  # name: (problems, first answer)
     "aime24": (30, "204"),
@@ -23,9 +30,8 @@ EXPECTED = {  # name: (problems, first answer)
 }
 
 
-@needs_data
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_shared_benchmarks_load(name):
+def test_shipped_benchmarks_load(name):
     problems = load_benchmark(BENCHMARKS / f"{name}.jsonl")
     count, first = EXPECTED[name]
     assert len(problems) == count
@@ -37,7 +43,6 @@ def test_shared_benchmarks_load(name):
     assert set(benchmark_names()) == set(EXPECTED)
 
 
-@needs_data
 def test_olympiadbench_lists_and_amc_floats():
     oly = {p.id: p.answer for p in load_benchmark(BENCHMARKS / "olympiadbench.jsonl")}
     assert "(1,8,19), (2,7,13), (4,5,7)" in oly.values()
@@ -102,3 +107,41 @@ def test_unknown_names(tmp_path):
         load_benchmark(path, name="gsm8k")
     with pytest.raises(DataError, match="cannot read"):
         load_benchmark(tmp_path / "absent.jsonl", name="aime24")
+
+
+def test_shipped_files_match_the_readme_sha256():
+    """The README's checksums are the files' (the copies are the public files, unchanged)."""
+    readme = (BENCHMARKS / "README.md").read_text()
+    listed = dict(reversed(line.split()) for line in readme.splitlines() if line.endswith(".jsonl") and len(line.split()) == 2)
+    assert sorted(listed) == sorted(f"{n}.jsonl" for n in benchmark_names())
+    for name, digest in listed.items():
+        assert hashlib.sha256((BENCHMARKS / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_names_resolve_to_the_shipped_copies(tmp_path, monkeypatch):
+    for name in benchmark_names():
+        assert resolve_benchmark(name) == benchmark_file(name) == BENCHMARKS / f"{name}.jsonl"
+    mine = _write(tmp_path / "mine.jsonl", [{"problem": "p", "answer": "1"}])
+    assert resolve_benchmark(str(mine)) == mine
+    # a known name means the shipped copy even when a file of that name is in the working directory
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "aime24", [{"problem": "p", "answer": "1"}])
+    assert resolve_benchmark("aime24") == benchmark_file("aime24")
+    with pytest.raises(ConfigError, match="'gsm8k': neither a benchmark name .aime24, aime25, amc23, math500, minerva_math, olympiadbench. nor an existing file"):
+        resolve_benchmark("gsm8k")
+    with pytest.raises(ConfigError, match="known names are aime24"):
+        benchmark_file("aime2024")
+
+
+def test_eval_takes_names_and_refuses_unknown_ones_in_one_line(tmp_path, capsys):
+    from megatron_nft.cli import main
+
+    args = ["eval", "--hf", str(tmp_path / "no_model"), "--out", str(tmp_path / "out"), "--quiet", "--benchmarks"]
+    assert main([*args, "aime24", "gsm8k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'gsm8k'" in err[0] and "olympiadbench" in err[0], err
+    # names (and a path) resolve; the next thing checked is the checkpoint
+    assert main([*args, "aime24", "math500", str(benchmark_file("amc23"))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_model" in err[0] and "benchmark" not in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
-from megatron_nft.data.benchmarks import benchmark_names, load_benchmark
+from megatron_nft.data.benchmarks import benchmark_file, benchmark_names, load_benchmark
 from megatron_nft.reward import GradingPool, grader_names
 from megatron_nft.reward.qwen_grader import answers_equal, normalize_answer, qwen_math_grader
-
-BENCH_DIR = Path("/work/shared/data/benchmarks")
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +102,11 @@ def test_in_pool(pool):
     assert pool.score(responses, ["0.5", r"\frac{3}{4}", "1000", "1"]) == [1.0, 1.0, 1.0, 0.0]
 
 
-@pytest.mark.skipif(not BENCH_DIR.is_dir(), reason="benchmark files not present")
 def test_benchmark_golds_grade_against_themselves(pool):
     rates = {}
     failures = {}
     for name in benchmark_names():
-        problems = load_benchmark(BENCH_DIR / f"{name}.jsonl")
+        problems = load_benchmark(benchmark_file(name))
         scores = pool.score(["\\boxed{" + p.answer + "}" for p in problems], [p.answer for p in problems])
         rates[name] = sum(scores) / len(scores)
         failures[name] = [(p.id, p.answer) for p, s in zip(problems, scores) if s != 1.0]

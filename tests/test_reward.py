@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_nft.data.benchmarks import benchmark_names, load_benchmark
+from megatron_nft.data.benchmarks import benchmark_file, benchmark_names, load_benchmark
 from megatron_nft.reward import (
     ANSWER_FORMATS,
     GradingPool,
@@ -25,7 +25,6 @@ from megatron_nft.reward import (
 from megatron_nft.reward.guard import _SizeScan, refusal
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO.parent / "shared" / "data" / "benchmarks"
 
 # Without math-verify's own timeouts, verify(parse("1"), parse(this)) does not finish: sympy's
 # Integer._eval_power tries to evaluate 9**(9**9) and then a power of that (measured here: still
@@ -234,12 +233,11 @@ def test_guard_size_bound_matches_closed_forms():
     assert refusal("x" * 2000, gold="y" * 600) is None  # the length cap grows with the gold
 
 
-@pytest.mark.skipif(not BENCHMARKS.is_dir(), reason=f"benchmark data folder {BENCHMARKS} is absent")
 def test_guard_passes_every_benchmark_gold():
     refused = [
         (name, p.answer, refusal(p.answer, p.answer))
         for name in benchmark_names()
-        for p in load_benchmark(BENCHMARKS / f"{name}.jsonl")
+        for p in load_benchmark(benchmark_file(name))
         if refusal(p.answer, p.answer) is not None
     ]
     assert refused == []
@@ -287,12 +285,11 @@ def test_pool_in_process_with_gloo_initialised(tmp_path):
 # every benchmark gold answer, written as a model would, graded against itself
 
 
-@pytest.mark.skipif(not BENCHMARKS.is_dir(), reason=f"benchmark data folder {BENCHMARKS} is absent")
 def test_benchmark_golds_grade_against_themselves(pool):
     report = {}
     failures = []
     for name in benchmark_names():
-        golds = [p.answer for p in load_benchmark(BENCHMARKS / f"{name}.jsonl")]
+        golds = [p.answer for p in load_benchmark(benchmark_file(name))]
         responses = [f"Some reasoning.\nAnswer: {g}" for g in golds] + [f"So it is \\boxed{{{g}}}." for g in golds]
         scores = pool.score(responses, golds + golds)
         for i, s in enumerate(scores):

@@ -10,9 +10,12 @@ The six sets of the NFT paper differ in where the problem and the gold answer li
     minerva_math   problem         last \\boxed{} of solution
     olympiadbench  question        final_answer (a list of strings; joined with ", ", $ removed)
 
-`load_benchmark(path)` infers the set from the file name (aime24.jsonl -> aime24); any other JSON
-Lines file loads with explicit `problem_field=` / `answer_field=`. Paths always come from the caller.
-Answers are gold strings in LaTeX/plain form, as megatron_nft.reward graders take them.
+The six files ship with the package (megatron_nft/data/math_benchmarks/, its README gives sources and
+sha256): `benchmark_file("aime24")` is the path of the shipped copy, and `resolve_benchmark(spec)` takes
+a name or a path, as `megatron-nft eval --benchmarks` does. `load_benchmark(path)` infers the set from
+the file name (aime24.jsonl -> aime24); any other JSON Lines file loads with explicit
+`problem_field=` / `answer_field=`. Answers are gold strings in LaTeX/plain form, as
+megatron_nft.reward graders take them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_nft.errors import ConfigError, DataError
-from megatron_nft.reward.extract import last_boxed
+from megatron_nft.data.latex import last_boxed
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,37 @@ BENCHMARK_FORMATS: dict[str, BenchmarkFormat] = {
 }
 
 
+# Package data (pyproject.toml [tool.setuptools.package-data]): present in a checkout and in an install.
+BENCHMARK_DIR = Path(__file__).resolve().parent / "math_benchmarks"
+
+
 def benchmark_names() -> list[str]:
     return list(BENCHMARK_FORMATS)
+
+
+def benchmark_file(name: str) -> Path:
+    """The shipped copy of benchmark `name` (one of benchmark_names()); ConfigError for another name."""
+    if name not in BENCHMARK_FORMATS:
+        raise ConfigError(f"benchmark {name!r}: known names are {', '.join(BENCHMARK_FORMATS)}")
+    return BENCHMARK_DIR / f"{name}.jsonl"
+
+
+def resolve_benchmark(spec: str | os.PathLike) -> Path:
+    """A benchmark name (-> its shipped copy) or the path of an existing JSON Lines file.
+
+    A known name always means the shipped copy (a file of that name in the working directory is not
+    looked at: the same command line must evaluate the same problems everywhere). Anything else must
+    be an existing file; otherwise ConfigError in one line listing the known names.
+    """
+    text = os.fspath(spec)
+    if text in BENCHMARK_FORMATS:
+        return benchmark_file(text)
+    path = Path(text)
+    if path.is_file():
+        return path
+    raise ConfigError(
+        f"benchmark {text!r}: neither a benchmark name ({', '.join(BENCHMARK_FORMATS)}) nor an existing file"
+    )
 
 
 def _answer_text(value, where: str, field: str) -> str:

@@ -9,75 +9,17 @@ from __future__ import annotations
 
 import re
 
+from megatron_nft.data.latex import MAX_BOXED_CHARS, last_boxed
+
 ANSWER_FORMATS = ("auto", "boxed", "dapo")
 # Longest answer taken from a response; a longer one is treated as no answer (it is never a real final
-# answer, and it would only feed the grader a huge expression).
-MAX_ANSWER_CHARS = 10_000
+# answer, and it would only feed the grader a huge expression). last_boxed applies the same bound.
+MAX_ANSWER_CHARS = MAX_BOXED_CHARS
 
-# `\boxed{`, `\boxed {`, `\fbox{`, and the brace-less `\boxed 5` form. The negative look-ahead keeps
-# `\boxedfoo` (another macro) from matching.
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-# Only backslash escapes and braces matter when balancing: `\{`, `\}` and `\\` are skipped as pairs.
-_BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)
 # "Answer:" anywhere on a line (DAPO asks for a last line "Answer: $Answer"; models also write
 # "Final Answer:", "**Answer:**"). `[ \t]*` (not `\s*`) keeps the match on one line.
 _ANSWER_RE = re.compile(r"\banswer[ \t]*:", re.IGNORECASE)
-_BLANKS_RE = re.compile(r"[ \t]*")
 _WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
-
-
-def _last_box_start(text: str) -> int:
-    """Index just after the last `\\boxed` / `\\fbox` command, or -1."""
-    # rfind finds the usual last box without scanning the whole response; when a few candidates in a
-    # row are other macros (`\\boxedfoo`), one regex pass over the rest stays linear.
-    best = -1
-    for name in ("\\boxed", "\\fbox"):
-        pos = text.rfind(name)
-        tries = 0
-        while pos != -1 and not _BOX_RE.match(text, pos):
-            tries += 1
-            if tries > 8:
-                last = None
-                for last in _BOX_RE.finditer(text):
-                    pass
-                return -1 if last is None else last.end()
-            pos = text.rfind(name, 0, pos)
-        if pos != -1:
-            best = max(best, pos + len(name))
-    return best
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with nested braces balanced.
-
-    Only the last box is considered: when it is unclosed (a truncated response) the result is None
-    rather than an earlier box, which keeps the scan linear and never credits a superseded answer.
-    ``\\boxed 5`` (no braces) yields the token after the space.
-    """
-    start = _last_box_start(text)
-    if start < 0:
-        return None
-    n = len(text)
-    i = _BLANKS_RE.match(text, start).end()
-    if i >= n:
-        return None
-    if text[i] != "{":
-        if i == start:  # `\boxed` directly followed by something else (e.g. `\boxed\frac`): unsupported
-            return None
-        m = re.match(r"[^\s$]+", text[i : i + 1000])
-        return m.group(0) if m else None
-    depth = 0
-    # A real answer is short; giving up after MAX_ANSWER_CHARS bounds the cost of a runaway box.
-    for m in _BRACE_RE.finditer(text, i, min(n, i + MAX_ANSWER_CHARS + 2)):
-        tok = m.group(0)
-        if tok == "{":
-            depth += 1
-        elif tok == "}":
-            depth -= 1
-            if depth == 0:
-                content = text[i + 1 : m.start()].strip()
-                return content or None
-    return None  # unbalanced (the box never closes) or longer than MAX_ANSWER_CHARS
 
 
 def _strip_wrappers(ans: str) -> str:
