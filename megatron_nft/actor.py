@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron_nft import runtime
 from megatron_nft.algorithms import policy_loss
 from megatron_nft.config import AlgoConfig, OptimConfig
-from megatron_nft.data.batching import needed_lengths, plan_packing, sequence_alignment
+from megatron_nft.data.batching import needed_lengths, pad_width, plan_packing, sequence_alignment
 from megatron_nft.errors import ConfigError
 from megatron_nft.model import mapping
 from megatron_nft.model.qwen2 import ModelOptions, Qwen2Shape, build_gpt_model, te_available, transformer_config
@@ -298,9 +298,11 @@ class Actor:
     def _local_microbatches(self, batch: dict, *, group_size: int | None = None) -> tuple[list[dict], int]:
         """Pads rows to a multiple of dp * micro_batch_size (padding rows have loss_mask 0), takes this
         rank's contiguous slice, and cuts it into micro-batches. With a token budget, packed
-        micro-batches instead (see _packed_microbatches)."""
+        micro-batches instead (see _packed_microbatches). Columns are padded to the packed path's
+        alignment too (FP8 GEMMs need token counts in whole blocks); outputs keep the padded width."""
         if self.max_tokens_per_micro_batch is not None:
             return self._packed_microbatches(batch, group_size=group_size or 1)
+        batch = pad_width(batch, self._alignment)
         rows = batch["tokens"].shape[0]
         total = self._padded_rows(rows)
         padded = {}
@@ -495,8 +497,9 @@ class Actor:
             full = self._packed_rows_everywhere(outputs, micro, total, seq_len)[:, :rows].cpu()
         else:
             local = torch.cat([o["logprobs_entropy"] for o in outputs], dim=1) if self.last_stage else None
-            local = self._broadcast_from_last_stage(local, (2, total // self.dp, seq_len), torch.float32)
-            full = self._gather_dp(local, dim=1)[:, :rows].cpu()
+            width = micro[0]["tokens"].shape[1]  # seq_len, padded to the alignment
+            local = self._broadcast_from_last_stage(local, (2, total // self.dp, width), torch.float32)
+            full = self._gather_dp(local, dim=1)[:, :rows, :seq_len].cpu()
         full[:, :, -1] = 0.0
         return full[0], full[1]
 
@@ -616,7 +619,8 @@ class Actor:
 
     @property
     def _alignment(self) -> int:
-        """The multiple packed sequences are padded to (TP x CP zigzag, FP8 GEMM blocks)."""
+        """The multiple packed sequences and padded rows are padded to (TP x CP zigzag; under FP8, whole
+        GEMM blocks on every rank: data.batching.sequence_alignment)."""
         return sequence_alignment(tp=self.tp, cp=self.cp, fp8=self.options.fp8 is not None,
                                   blockwise=self.options.fp8_recipe == "blockwise")
 

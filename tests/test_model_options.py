@@ -41,7 +41,9 @@ def test_auto_picks_per_machine():
         (ModelOptions(fp8="hybrid"), CPU, BF16, "model.fp8=hybrid needs Transformer Engine layers"),
         (ModelOptions(fp8="hybrid", impl="local"), GPU_TE, BF16, "this run uses model.impl=local"),
         (ModelOptions(fp8="e4m3"), GPU_TE, FP32, "model.fp8=e4m3 needs model.dtype=bf16"),
-        (ModelOptions(fp8="hybrid", fp8_bf16_layers=3), {**GPU_TE, "pp": 2}, BF16, "expected 0..2"),
+        (ModelOptions(fp8="hybrid", fp8_recipe="tensorwise", fp8_bf16_layers=3), {**GPU_TE, "pp": 2}, BF16, "expected 0..2"),
+        (ModelOptions(fp8="hybrid", fp8_bf16_layers=1), GPU_TE, BF16,
+         "model.fp8_bf16_layers=1 needs model.fp8_recipe tensorwise or blockwise"),
         (ModelOptions(fp8="e5m2"), GPU_TE, BF16, "model.fp8='e5m2': allowed values are null, hybrid, e4m3"),
         (ModelOptions(packed_attention="flex"), CPU, FP32, "model.packed_attention=flex needs CUDA"),
         (ModelOptions(recompute="selective"), CPU, FP32, "parallel.recompute='selective': allowed values are"),
@@ -79,6 +81,41 @@ def test_fp8_becomes_megatron_settings(shape):
     assert (config.first_last_layers_bf16, config.num_layers_at_start_in_bf16, config.num_layers_at_end_in_bf16) == (True, 1, 1)
     plain = transformer_config(shape, dtype=BF16, tp=1, pp=1, options=ModelOptions().resolved(dtype=BF16, **GPU_TE))
     assert plain.fp8 is None and not plain.first_last_layers_bf16
+
+
+FP8_COMBINATIONS = [
+    (fp8, recipe, bf16_layers, pp)
+    for fp8 in (None, "hybrid", "e4m3")
+    for recipe in ("delayed", "tensorwise", "blockwise")
+    for bf16_layers in (0, 1, 2, 3)
+    for pp in (1, 2)
+]
+
+
+def test_fp8_options_are_refused_exactly_where_megatron_core_refuses_them(shape):
+    # The reference is megatron-core's own TransformerConfig check, run on the config the actor would
+    # build: the project refuses (at load, or when resolving for a TE machine) exactly the fp8 /
+    # recipe / bf16-layer / pipeline combinations megatron-core raises for, and nothing else.
+    refused_by = {"project": set(), "megatron": set()}
+    for fp8, recipe, bf16_layers, pp in FP8_COMBINATIONS:
+        options = ModelOptions(impl="te", fp8=fp8, fp8_recipe=recipe, fp8_bf16_layers=bf16_layers)
+        combination = (fp8, recipe, bf16_layers, pp)
+        try:
+            options.resolved(dtype=BF16, **{**GPU_TE, "num_layers": shape.num_layers, "pp": pp})
+        except ConfigError as e:
+            assert len(str(e).splitlines()) == 1 and "model.fp8_bf16_layers=" in str(e), e
+            refused_by["project"].add(combination)
+        try:
+            transformer_config(shape, dtype=BF16, tp=1, pp=pp, options=options)
+        except ValueError:
+            refused_by["megatron"].add(combination)
+    assert refused_by["project"] == refused_by["megatron"]
+    assert ("hybrid", "delayed", 1, 1) in refused_by["megatron"]  # issue 13's case
+    assert ("hybrid", "tensorwise", 3, 2) in refused_by["megatron"]  # more bf16 layers than a stage holds
+    assert ("hybrid", "blockwise", 2, 1) not in refused_by["megatron"]
+    # at load (config.validate), before any machine is known
+    with pytest.raises(ConfigError, match="model.fp8_bf16_layers=2 needs model.fp8_recipe tensorwise or blockwise"):
+        load_config(None, ["model.dtype=bf16", "model.fp8=hybrid", "model.fp8_bf16_layers=2"])
 
 
 def test_config_fields_reach_the_options():

@@ -114,9 +114,48 @@ def test_sequence_alignment_rule():
     assert sequence_alignment(tp=2) == 2  # sequence parallel splits the stream over TP
     assert sequence_alignment(tp=2, cp=2) == 8  # 2*cp zigzag chunks, each split over TP
     assert sequence_alignment(fp8=True) == 16
-    assert sequence_alignment(tp=2, cp=3, fp8=True) == 48  # lcm(12, 16)
-    assert sequence_alignment(tp=2, cp=3, fp8=True, blockwise=True) == 384  # lcm(12, 128): 128-token blocks
+    assert sequence_alignment(tp=2, cp=3, fp8=True) == 96  # each of 2*3 ranks' shares a whole 16-token block
+    assert sequence_alignment(tp=2, cp=3, fp8=True, blockwise=True) == 768  # 128-token blocks
     assert sequence_alignment(tp=4, blockwise=True) == 4  # the recipe matters only under FP8
+
+
+FP8_LAYOUTS = [(tp, cp) for tp in (1, 2, 4, 8) for cp in (1, 2, 3, 4, 8)]
+
+
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_fp8_alignment_gives_every_rank_whole_gemm_blocks(blockwise):
+    # Transformer Engine's FP8 GEMMs assert token counts in whole blocks (16; 128 for the blockwise
+    # recipe) on every rank: a CP rank holds its zigzag chunks of every packed sequence, and sequence
+    # parallel splits that share again over TP. Counted here from the packer's plan and the zigzag
+    # split itself, for every layout (lcm(2*cp*tp, 16), the rule before, leaves 4 tokens per rank at cp=4).
+    block = 128 if blockwise else 16
+    lengths = _random_lengths(40, seed=7, low=1, high=700)
+    for tp, cp in FP8_LAYOUTS:
+        align = sequence_alignment(tp=tp, cp=cp, fp8=True, blockwise=blockwise)
+        plan = plan_packing(lengths, max_tokens=64 * align, dp=2, align=align)
+        for micro in itertools.chain.from_iterable(plan):
+            cu = micro.cu_seqlens().tolist()
+            for rank in range(cp):
+                share = len(zigzag_indices(cu, cp, rank)) if cp > 1 else micro.total_tokens
+                assert share % tp == 0 and (share // tp) % block == 0, (tp, cp, rank, share)
+        # the padded (right-padded rows) path: a rank's [rows, width] micro-batch, its width so aligned
+        width = -(-max(lengths) // align) * align
+        assert (width // tp) % block == 0
+
+
+def test_actor_alignment_follows_its_layout_and_fp8_recipe():
+    from types import SimpleNamespace
+
+    from megatron_nft.actor import Actor
+    from megatron_nft.model.qwen2 import ModelOptions
+
+    def alignment(tp, cp, **options):
+        return Actor._alignment.fget(SimpleNamespace(tp=tp, cp=cp, options=ModelOptions(**options)))
+
+    assert alignment(2, 4) == 16
+    assert alignment(2, 4, fp8="hybrid", fp8_recipe="tensorwise") == 2 * 4 * 16
+    assert alignment(1, 4, fp8="hybrid", fp8_recipe="blockwise") == 4 * 128
+    assert alignment(8, 1, fp8="e4m3") == 8 * 16
 
 
 def test_unpack_inverts_pack_and_is_its_adjoint():
@@ -296,12 +335,12 @@ def make_batch(vocab: int, seed: int = 0):
     return batch
 
 
-def _actor(shape, state, **kw):
+def _actor(shape, state, *, cls=None, **kw):
     from megatron_nft.actor import Actor
     from megatron_nft.config import OptimConfig
 
     kw = {"micro_batch_size": 2, "algo": AlgoConfig(name="nft", agg="token_sum_norm", agg_norm=50.0), **kw}
-    actor = Actor(shape, optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0), **kw)
+    actor = (cls or Actor)(shape, optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0), **kw)
     actor.load_hf(lambda n: state[n])
     return actor
 
@@ -524,6 +563,54 @@ def test_recompute_gives_the_same_step(recompute, path, in_process, model_and_ba
     assert metrics["grad_norm"] == pytest.approx(reference["metrics"]["grad_norm"], rel=1e-6)
     after, _ = actor.compute_logprobs(batch)
     assert torch.allclose(after, reference["after"], atol=1e-6)  # the same update
+
+
+@pytest.mark.parametrize("path", ["padded", "packed"])
+def test_fp8_padding_changes_no_logprob_nor_step(path, in_process, model_and_batch):
+    from megatron_nft.actor import Actor
+    from megatron_nft.model.qwen2 import shape_from_hf
+
+    config, state, batch, _ = model_and_batch
+    # rows padded as FP8 pads them, on CPU without Transformer Engine: this actor's alignment is 24
+    # tokens (a subclass), neither a divisor nor a multiple of the batch's 16 columns or of any row
+    aligned = type("AlignedActor", (Actor,), {"_alignment": 24})
+    kw = {"max_tokens_per_micro_batch": 3 * 24} if path == "packed" else {}
+    actor = _actor(shape_from_hf(config), state, cls=aligned, **kw)
+    micro, _ = actor._local_microbatches({k: batch[k] for k in ("tokens", "loss_mask")})
+    if path == "padded":
+        assert {m["tokens"].shape[1] for m in micro} == {24}  # 16 columns padded to 24
+    else:
+        assert all(n % 24 == 0 for m in micro for n in m["packed"].micro.padded_lengths)
+    got = _run_actor(actor, batch)
+    ref = in_process[path]  # the same path at this layout's own alignment (1)
+    assert got["logprobs"].shape == ref["logprobs"].shape == batch["tokens"].shape
+    assert torch.allclose(got["logprobs"], ref["logprobs"], atol=1e-6)
+    assert torch.allclose(got["entropy"], ref["entropy"], atol=1e-6)
+    assert torch.allclose(got["full_width"], ref["full_width"], atol=1e-6)
+    assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], rel=1e-6, abs=1e-9)
+    assert got["metrics"]["grad_norm"] == pytest.approx(ref["metrics"]["grad_norm"], rel=1e-6)
+    assert torch.allclose(got["after"], ref["after"], atol=1e-6)  # the same update
+
+
+@pytest.mark.gpu
+def test_fp8_actor_runs_rows_of_odd_width(model_and_batch):
+    """Transformer Engine FP8 on rows whose width (15) and lengths are not multiples of 16: the padded
+    and packed paths run (TE asserts whole blocks) and stay near the bf16 actor's log-probs."""
+    from megatron_nft.model.qwen2 import ModelOptions, shape_from_hf, te_available
+
+    if not te_available():
+        pytest.skip("needs CUDA and transformer_engine")
+    config, state, batch, _ = model_and_batch
+    batch = {k: v[:, :15] if v.dim() == 2 else v for k, v in batch.items()}
+    shape = shape_from_hf(config)
+    bf16 = _actor(shape, state, dtype="bf16", options=ModelOptions(impl="te")).compute_logprobs(batch)[0]
+    mask = batch["loss_mask"].bool()
+    for kw in ({}, {"max_tokens_per_micro_batch": 64}):
+        actor = _actor(shape, state, dtype="bf16", options=ModelOptions(impl="te", fp8="hybrid", fp8_recipe="tensorwise"), **kw)
+        assert actor._alignment == 16
+        logprobs, _ = actor.compute_logprobs(batch)
+        assert torch.isfinite(logprobs).all() and (logprobs[mask] - bf16[mask]).abs().max() < 0.5
+        assert math.isfinite(actor.train_step(batch)["loss"])
 
 
 @pytest.mark.gpu

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -39,25 +38,37 @@ def select_rows(batch: dict, index) -> dict:
     return {k: v[index] for k, v in batch.items()}
 
 
+def pad_width(batch: dict, align: int) -> dict:
+    """The [B, S] tensors of a right-padded batch widened with zeros to a multiple of `align` columns
+    ([B] tensors unchanged). The new columns come after every real token and have loss_mask 0, so
+    under causal attention they change nothing the loss or the log-probs read."""
+    width = batch["tokens"].shape[1]
+    extra = -width % align
+    if not extra:
+        return batch
+    return {k: torch.nn.functional.pad(v, (0, extra)) if v.dim() == 2 else v for k, v in batch.items()}
+
+
 # --------------------------------------------------------------------------------------------------
 # Packed (THD) micro-batches: whole rows laid end to end, by a token budget, balanced over DP ranks
 # --------------------------------------------------------------------------------------------------
 
 
 def sequence_alignment(*, tp: int = 1, cp: int = 1, fp8: bool = False, blockwise: bool = False) -> int:
-    """The multiple every packed sequence's length is padded to.
+    """The multiple every packed sequence's length (and a right-padded row's width) is padded to.
 
     - Context parallel cuts each sequence into 2*cp equal chunks (rank r holds chunks r and
       2*cp-1-r, see data/context_parallel.py), and with sequence parallel each rank's share is cut
       again over TP: tp * cp * 2 when cp > 1.
     - Without CP, sequence parallel cuts the packed stream over TP: tp.
-    - FP8 GEMMs (Transformer Engine) need token counts that are multiples of 16, and the blockwise
-      recipe quantises in 128-token blocks: lcm(that, 16) or lcm(that, 128).
-    (The same rule Megatron-LM's and verl's THD paths use.)"""
-    align = tp * cp * 2 if cp > 1 else tp
-    if not fp8:
-        return align
-    return math.lcm(align, 128 if blockwise else 16)
+    - FP8 GEMMs (Transformer Engine) need every rank's token count to be a multiple of 16, and the
+      blockwise recipe quantises in 128-token blocks. A rank holds 1/cp of each sequence, and 1/tp
+      of that under sequence parallel, so each sequence is padded to tp * cp * 16 (tp * cp * 128):
+      a multiple of the two rules above, and every rank's share of it is a whole number of blocks
+      (lcm(tp * cp * 2, 16) is not: at cp = 4 a 16-token sequence leaves 4 tokens per rank)."""
+    if fp8:
+        return tp * cp * (128 if blockwise else 16)
+    return tp * cp * 2 if cp > 1 else tp
 
 
 def needed_lengths(loss_mask: torch.Tensor) -> list[int]:

@@ -171,6 +171,12 @@ class ModelOptions:
                 raise ConfigError(f"model.fp8={self.fp8} needs model.dtype=bf16 (FP8 GEMMs keep bf16 master activations)")
         if self.fp8_bf16_layers < 0:
             raise ConfigError(f"model.fp8_bf16_layers={self.fp8_bf16_layers}: must be >= 0")
+        # megatron-core's TransformerConfig refuses this (delayed scaling's amax history would be
+        # reduced across the per-layer FP8 contexts that bf16 layers need); refused here at load
+        # instead of when the actor builds its model
+        if self.fp8 is not None and self.fp8_bf16_layers > 0 and self.fp8_recipe == "delayed":
+            raise ConfigError(f"model.fp8_bf16_layers={self.fp8_bf16_layers} needs model.fp8_recipe tensorwise or "
+                              f"blockwise: megatron-core's delayed scaling keeps no layers in bf16")
 
     def _fp8_needs_te(self, impl: str):
         raise ConfigError(f"model.fp8={self.fp8} needs Transformer Engine layers (model.impl=te, CUDA and "
@@ -186,7 +192,7 @@ class ModelOptions:
         if self.fp8 is not None and impl != "te":
             self._fp8_needs_te(impl)
         stage_layers = num_layers // pp
-        if self.fp8_bf16_layers > stage_layers:
+        if self.fp8 is not None and self.fp8_bf16_layers > stage_layers:  # without FP8 every layer is bf16
             raise ConfigError(f"model.fp8_bf16_layers={self.fp8_bf16_layers}: expected 0..{stage_layers} "
                               f"(the layers of one pipeline stage)")
         if self.packed_attention == "flex" and not cuda:
