@@ -521,7 +521,7 @@ class Actor:
         # token_mean (group_mean) over the whole minibatch == a sum divided by the minibatch's token
         # (group) count, which is additive over micro-batches and ranks; see algorithms.policy_loss.
         if algo.agg == "token_sum_norm":
-            norm = algo.agg_norm
+            norm = algo.agg_norm * algo.reference_dp_world  # the official trainer's DP gradient averaging
         elif algo.agg == "token_mean":
             norm = max(float(batch["loss_mask"].sum()), 1.0)
         else:
@@ -566,6 +566,9 @@ class Actor:
                     beta=algo.beta,
                     sft_coef=algo.sft_coef,
                     target_temperature=algo.target_temperature,
+                    adv_std=algo.adv_std,
+                    max_log_ratio=algo.max_log_ratio,
+                    rhat_clamp=algo.rhat_clamp,
                 )
                 mask = mb["loss_mask"].float()
                 sums = {

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_nft.algorithms import AGGREGATIONS, ALGORITHMS, DEFAULT_AGG, GRPO_FAMILY, PROMPT_WEIGHTS
+from megatron_nft.algorithms import (
+    ADV_STDS, AGGREGATIONS, ALGORITHMS, DEFAULT_AGG, DEFAULT_PROMPT_WEIGHT, GRPO_FAMILY, MAX_LOG_RATIO, PROMPT_WEIGHTS,
+    RHAT_CLAMP,
+)
 from megatron_nft.errors import ConfigError
 from megatron_nft.model.qwen2 import FP8_FORMATS, FP8_RECIPES, IMPLEMENTATIONS, PACKED_ATTENTION, RECOMPUTE, ModelOptions
 from megatron_nft.reward import ANSWER_FORMATS
@@ -93,10 +96,12 @@ DAPO_OVERLONG_BUFFER_FRACTION = 0.2
 class AlgoConfig:
     """The policy loss (see algorithms.policy_loss) and the batch it sees. Switching algorithm is
     `algo.name`; fields left at None take that algorithm's own setting (DEFAULT_AGG,
-    DEFAULT_DYNAMIC_SAMPLING) when the config is loaded."""
+    DEFAULT_DYNAMIC_SAMPLING, DEFAULT_PROMPT_WEIGHT) when the config is loaded. docs/fidelity.md: how
+    each option compares with the official NFT code and verl."""
 
     name: str = choice("nft", ALGORITHMS)
-    prompt_weight: str = choice("one_minus_r", PROMPT_WEIGHTS)  # NFT's ω(q)
+    # ω(q) of nft / rft; None: the algorithm's own (nft 1 - r̂; rft 1, the official scripts' is 1 - r̂)
+    prompt_weight: str | None = choice(None, (None, *PROMPT_WEIGHTS))
     eps: float = 1.0  # NFT's floor on the negative ratio term (the straight-through max_v)
     clip_low: float = 0.2  # GRPO family: PPO clip [1 - clip_low, 1 + clip_low]
     clip_high: float = 0.28  # DAPO's clip-higher: [1 - clip_low, 1 + clip_high]
@@ -110,6 +115,12 @@ class AlgoConfig:
     # Token-level truncated importance sampling for rollout / actor mismatch: each token's loss weighted
     # by min(π_actor_old / π_rollout, tis_cap); None = off (identical engines need none).
     tis_cap: float | None = None
+    adv_std: str = choice("unbiased", ADV_STDS)  # GRPO/DAPO's group std: verl's torch.std (K-1) or population (K)
+    max_log_ratio: float | None = MAX_LOG_RATIO  # nft / rft: log R capped, no gradient beyond (official: 10); null: off
+    rhat_clamp: float = RHAT_CLAMP  # nft / rft: r̂ of mixed groups clamped to [c, 1 - c] (official: 0.02); 0: off
+    # The official FSDP trainer averages gradients over its W data-parallel ranks: its loss is
+    # Σ / (agg_norm · W). token_sum_norm divides by agg_norm · reference_dp_world to reproduce it.
+    reference_dp_world: int = 1
 
     def resolved(self) -> "AlgoConfig":
         """This config with the algorithm's own settings in the fields left at None."""
@@ -117,6 +128,7 @@ class AlgoConfig:
             self,
             agg=DEFAULT_AGG[self.name] if self.agg is None else self.agg,
             dynamic_sampling=DEFAULT_DYNAMIC_SAMPLING[self.name] if self.dynamic_sampling is None else self.dynamic_sampling,
+            prompt_weight=DEFAULT_PROMPT_WEIGHT.get(self.name) if self.prompt_weight is None else self.prompt_weight,
         )
 
 
@@ -397,6 +409,13 @@ def _validate_algorithm_combination(cfg: TrainConfig) -> None:
     buffer = rw.overlong_buffer or 0
     _require(buffer >= 0, f"reward.overlong_buffer={buffer}: must be >= 0")
     _require(rw.overlong_penalty >= 0, f"reward.overlong_penalty={rw.overlong_penalty}: must be >= 0")
+    _require(a.max_log_ratio is None or a.max_log_ratio > 0, f"algo.max_log_ratio={a.max_log_ratio}: must be > 0 (or null: no cap)")
+    _require(0 <= a.rhat_clamp < 0.5, f"algo.rhat_clamp={a.rhat_clamp}: must be in [0, 0.5) (0: off)")
+    _require(a.reference_dp_world >= 1, f"algo.reference_dp_world={a.reference_dp_world}: must be >= 1")
+    _require(
+        a.reference_dp_world == 1 or a.agg == "token_sum_norm",
+        f"algo.reference_dp_world={a.reference_dp_world} divides token_sum_norm's constant; algo.agg={a.agg} has none (set it to 1)",
+    )
     if buffer:
         _require(
             a.name in GRPO_FAMILY,

@@ -39,9 +39,17 @@ def test_paper_recipes_carry_the_paper_settings(model, algorithm):
         assert (cfg.algo.eps, cfg.algo.prompt_weight, cfg.algo.agg, cfg.algo.agg_norm) == (1.0, "one_minus_r", "token_sum_norm", 1000.0)
     if algorithm == "dapo":
         assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.agg) == (0.2, 0.28, "token_mean")
-        assert cfg.algo.dynamic_sampling and cfg.reward.overlong_buffer == int(0.2 * response)
+        # the official scripts' over-long shaping: none at 7B, 4096 tokens x 1.0 on ±1 rewards at 32B
+        official = {"qwen2.5-math-7b": (0, 1.0), "qwen2.5-32b": (4096, 0.5)}[model]
+        assert cfg.algo.dynamic_sampling and (cfg.reward.overlong_buffer, cfg.reward.overlong_penalty) == official
     if algorithm in ("grpo", "dr_grpo"):
         assert cfg.algo.clip_low == 0.2 and not cfg.algo.dynamic_sampling
+    if algorithm in ("grpo", "dapo"):
+        assert cfg.algo.adv_std == "unbiased"  # verl's torch.std
+    if algorithm in ("nft", "rft"):  # the official code's cap, clamp and data-parallel gradient average
+        world = {"qwen2.5-math-7b": 32, "qwen2.5-32b": 16}[model]
+        assert (cfg.algo.max_log_ratio, cfg.algo.rhat_clamp, cfg.algo.reference_dp_world) == (10.0, 0.02, world)
+        assert cfg.algo.prompt_weight == "one_minus_r" and cfg.algo.dynamic_sampling
 
 
 def test_base_layering_order_and_relative_paths(tmp_path):

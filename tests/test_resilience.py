@@ -165,14 +165,14 @@ def test_nonfinite_loss_skips_the_update(tmp_path, monkeypatch):
     poisoned[1, 3] = float("nan")
     before = {n: p.detach().clone() for n, p in actor.model.module.named_parameters()}
     lr_before = actor.optimizer.param_groups[0]["lr"]
-    skipped = actor.train_step({**batch, "old_logprobs": poisoned})
+    skipped = actor.train_step({**batch, "old_logprobs": poisoned}, group_size=4)  # GRPO's sample std needs K
     assert skipped["nonfinite"] and not skipped["update_ok"] and actor.steps == 0
     assert actor.optimizer.param_groups[0]["lr"] == lr_before
     for n, p in actor.model.module.named_parameters():
         assert torch.equal(p.detach(), before[n]), n
     assert actor.scheduler.num_steps == 0
     for step in (1, 2):  # the first update runs at the warm-up's initial lr of 0, the second moves
-        ok = actor.train_step({**batch, "old_logprobs": old + 0.1})
+        ok = actor.train_step({**batch, "old_logprobs": old + 0.1}, group_size=4)
         assert not ok["nonfinite"] and ok["update_ok"] and actor.steps == step and actor.scheduler.num_steps == step
     assert any(not torch.equal(p.detach(), before[n]) for n, p in actor.model.module.named_parameters())
 

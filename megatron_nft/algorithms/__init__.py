@@ -3,7 +3,9 @@ group statistics and the dynamic-sampling filter. No Megatron imports."""
 
 from megatron_nft.algorithms.groups import (
     PROMPT_WEIGHTS,
+    RHAT_CLAMP,
     GroupFilter,
+    clamp_correct_rate,
     dynamic_sampling_keep,
     group_correct_rate,
     group_reward_std,
@@ -11,10 +13,13 @@ from megatron_nft.algorithms.groups import (
 )
 from megatron_nft.algorithms.losses import (
     ADV_EPS,
+    ADV_STDS,
     AGGREGATIONS,
     ALGORITHMS,
     DEFAULT_AGG,
+    DEFAULT_PROMPT_WEIGHT,
     GRPO_FAMILY,
+    MAX_LOG_RATIO,
     STATS_KEYS,
     STATS_MAX,
     STATS_MEAN,
@@ -28,11 +33,15 @@ from megatron_nft.algorithms.losses import (
 
 __all__ = [
     "ADV_EPS",
+    "ADV_STDS",
     "AGGREGATIONS",
     "ALGORITHMS",
     "DEFAULT_AGG",
+    "DEFAULT_PROMPT_WEIGHT",
     "GRPO_FAMILY",
+    "MAX_LOG_RATIO",
     "PROMPT_WEIGHTS",
+    "RHAT_CLAMP",
     "STATS_KEYS",
     "STATS_MAX",
     "STATS_MEAN",
@@ -40,6 +49,7 @@ __all__ = [
     "STATS_SUM",
     "GroupFilter",
     "advantages",
+    "clamp_correct_rate",
     "dynamic_sampling_keep",
     "group_correct_rate",
     "group_reward_std",

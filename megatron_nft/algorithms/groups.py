@@ -12,6 +12,9 @@ import torch
 from torch import Tensor
 
 PROMPT_WEIGHTS = ("uniform", "one_minus_r", "grpo")
+# The official NFT code clamps r̂ to [0.02, 0.98] wherever it uses it (prompt weight and the negative
+# ratio's (1 - r̂R)/(1 - r̂)); it only acts on groups of more than 50 answers (r̂ = 1/K < 0.02).
+RHAT_CLAMP = 0.02
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -67,6 +70,19 @@ def prompt_weights(correct_rate: Tensor, kind: str) -> Tensor:
         return wrong
     tiny = torch.finfo(rhat.dtype).tiny
     return torch.where(rhat > 0, (wrong / rhat.clamp_min(tiny)).sqrt(), torch.zeros_like(rhat))
+
+
+def clamp_correct_rate(correct_rate: Tensor, clamp: float) -> Tensor:
+    """r̂ of mixed groups (0 < r̂ < 1) clamped to [clamp, 1 - clamp], as the official NFT code does; groups
+    with r̂ in {0, 1} keep it (the official code never sees them: dynamic sampling drops them and it
+    asserts so; here they keep their exact meaning, e.g. a zero GRPO-equivalent gradient). clamp = 0: off."""
+    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not 0.0 <= clamp < 0.5:
+        raise ValueError(f"rhat_clamp must be a number in [0, 0.5); got {clamp!r}")
+    rhat = _float(correct_rate)
+    if clamp == 0:
+        return rhat
+    mixed = (rhat > 0) & (rhat < 1)
+    return torch.where(mixed, rhat.clamp(clamp, 1.0 - clamp), rhat)
 
 
 class GroupFilter(NamedTuple):

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from megatron_nft.algorithms.groups import PROMPT_WEIGHTS, check_choice, prompt_weights
+from megatron_nft.algorithms.groups import PROMPT_WEIGHTS, RHAT_CLAMP, check_choice, clamp_correct_rate, prompt_weights
 
 ALGORITHMS = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca")
 GRPO_FAMILY = ("grpo", "dr_grpo", "dapo")
@@ -29,7 +29,14 @@ AGGREGATIONS = ("token_sum_norm", "token_mean", "group_mean")
 # DAPO's token-level mean, InfoNCA's mean over prompts.
 DEFAULT_AGG = {"nft": "token_sum_norm", "rft": "token_sum_norm", "grpo": "token_sum_norm",
                "dr_grpo": "token_sum_norm", "dapo": "token_mean", "infonca": "group_mean"}
-ADV_EPS = 1e-6  # added to the group std in GRPO/DAPO's advantage
+# The prompt weight ω(q) of the algorithms that take one (the NFT loss, and RFT as NFT without its
+# negatives): NFT's paper default; RFT's paper definition ω = 1 (the official scripts run it with 1 - r̂).
+DEFAULT_PROMPT_WEIGHT = {"nft": "one_minus_r", "rft": "uniform"}
+ADV_EPS = 1e-6  # added to the group std in GRPO/DAPO's advantage (verl's epsilon)
+# The group std of GRPO/DAPO's advantage: verl's torch.std (Bessel-corrected, K - 1) or the population's (K).
+ADV_STDS = ("unbiased", "population")
+# The official NFT code computes R = exp(min(log R, 10)): no gradient from a token beyond it.
+MAX_LOG_RATIO = 10.0
 
 # The stats policy_loss returns (0-dim detached float tensors). How to combine them over micro-batches
 # and ranks: SUM keys add up; MEAN keys are means over the named count key (combine as
@@ -47,21 +54,46 @@ STATS_MAX = ("ratio_max",)
 STATS_KEYS = STATS_SUM + tuple(STATS_MEAN) + STATS_MIN + STATS_MAX
 
 
-def advantages(algorithm: str, rewards: Tensor, correct_rate: Tensor, reward_std: Tensor | None = None) -> Tensor:
+def advantages(
+    algorithm: str,
+    rewards: Tensor,
+    correct_rate: Tensor,
+    reward_std: Tensor | None = None,
+    *,
+    std: str = "unbiased",
+    group_size: int | None = None,
+) -> Tensor:
     """The group-relative advantage of the GRPO family, per response (same shape as ``rewards``).
 
-    grpo / dapo: A = (r - r̂) / (σ + 1e-6), σ the population std of the group's rewards: ``reward_std``
-    when given (shaped, non-binary rewards), else sqrt(r̂(1 - r̂)), which it is for binary rewards;
-    dr_grpo: A = r - r̂. Groups whose rewards are all equal get A = 0.
+    grpo / dapo: A = (r - r̂) / (σ + 1e-6); dr_grpo: A = r - r̂. ``reward_std`` is the population std of
+    each response's group rewards (shaped, non-binary rewards); None: sqrt(r̂(1 - r̂)), which it is for
+    binary rewards. σ is that population std (std="population") or, as verl's torch.std, the sample std
+    sqrt(K/(K-1)) times it (std="unbiased", the default; needs ``group_size`` K). Groups whose rewards
+    are all equal get A = 0. K = 1 with std="unbiased": the sample std is undefined and verl takes the
+    group's mean as 0 and its std as 1, so A = r / (1 + 1e-6) (dr_grpo: A = r); the trainer refuses K = 1.
     """
     check_choice("algorithm", algorithm, GRPO_FAMILY)
+    check_choice("std", std, ADV_STDS)
     r, rhat = rewards.detach(), correct_rate.detach()
+    unbiased = std == "unbiased"
+    if unbiased and group_size is None and algorithm != "dr_grpo":
+        raise ValueError(f"{algorithm}'s advantage with std='unbiased' needs group_size (K, for Bessel's K/(K-1)); "
+                         f"pass it, or std='population'")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive int; got {group_size!r}")
+    single = unbiased and group_size == 1
+    if single:
+        rhat = torch.zeros_like(rhat)
     if algorithm == "dr_grpo":
         return r - rhat
+    if single:
+        return r / (1.0 + ADV_EPS)
     if reward_std is None:
         sigma = (rhat * (1.0 - rhat)).clamp_min(0.0).sqrt()
     else:
         sigma = reward_std.detach().to(r.dtype)
+    if unbiased:
+        sigma = sigma * math.sqrt(group_size / (group_size - 1))
     return (r - rhat) / (sigma + ADV_EPS)
 
 
@@ -104,7 +136,7 @@ def policy_loss(
     correct_rate: Tensor,
     mask: Tensor,
     *,
-    prompt_weight: str = "one_minus_r",
+    prompt_weight: str | None = None,
     neg_clip: float = 1.0,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
@@ -115,6 +147,9 @@ def policy_loss(
     beta: float = 0.1,
     sft_coef: float = 0.0,
     target_temperature: float = 0.0,
+    adv_std: str = "unbiased",
+    max_log_ratio: float | None = MAX_LOG_RATIO,
+    rhat_clamp: float = RHAT_CLAMP,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss of one (micro-)batch and its stats.
 
@@ -126,8 +161,8 @@ def policy_loss(
         correct_rate: [B] mean reward r̂ of each response's group.
         mask: [B, T] bool or float; the tokens that count (a float mask weights ℓ; positions with
             mask <= 0 are ignored entirely, whatever their log-probs, inf/NaN included).
-        prompt_weight: NFT's ω(q): "uniform" | "one_minus_r" | "grpo" (see groups.prompt_weights);
-            ignored by the other algorithms.
+        prompt_weight: ω(q) of nft and rft: "uniform" | "one_minus_r" | "grpo" (see groups.prompt_weights);
+            None: the algorithm's own (DEFAULT_PROMPT_WEIGHT: nft 1 - r̂, rft 1); ignored by the others.
         neg_clip: NFT's ε > 0 in max_v((1 - r̂R)/(1 - r̂), ε).
         clip_low / clip_high: PPO ratio clip; grpo and dr_grpo clip to [1-clip_low, 1+clip_low], dapo to
             [1-clip_low, 1+clip_high].
@@ -136,15 +171,22 @@ def policy_loss(
         agg_norm: the constant divisor of token_sum_norm (> 0).
         reward_std: [B] population std of each response's group rewards, for grpo / dapo's advantage
             with shaped (non-binary) rewards; None: sqrt(r̂(1-r̂)), exact for binary rewards.
-        group_size: K, the answers per prompt; required by infonca (rows g*K..(g+1)*K-1 form group g).
+        group_size: K, the answers per prompt; required by infonca (rows g*K..(g+1)*K-1 form group g)
+            and by grpo / dapo with adv_std="unbiased" (Bessel's correction).
         beta: infonca's β on the sequence log-ratio.
         sft_coef: infonca's λ on the length-normalised NLL of the target answers.
         target_temperature: infonca's reward temperature α (0: hard targets, see infonca_targets).
+        adv_std: grpo / dapo's group std, "unbiased" (verl's torch.std) | "population" (see advantages).
+        max_log_ratio: nft / rft: log R is capped there, with no gradient beyond (the official code's
+            exp(min(log R, 10))); None: no cap.
+        rhat_clamp: nft / rft: r̂ of mixed groups clamped to [c, 1 - c] in ω and in the negative term
+            (the official code's 0.02); 0: off. See groups.clamp_correct_rate.
 
     Per-token losses, with R = exp(logprobs - old_logprobs):
         nft:  ℓ = ω(r̂)·[-r·log R - (1-r)·log max_v((1 - r̂R)/(1 - r̂), ε)],
-              max_v(x, ε) = x + stopgrad(max(x, ε) - x): value max(x, ε), gradient ∇x / max(x, ε).
-        rft:  ℓ = -r·log R.
+              max_v(x, ε) = x + stopgrad(max(x, ε) - x): value max(x, ε), gradient ∇x / max(x, ε);
+              log R capped at max_log_ratio, r̂ clamped by rhat_clamp (both as the official code).
+        rft:  ℓ = -ω(r̂)·r·log R (nft without negatives; the same cap and clamp).
         grpo / dr_grpo / dapo: ℓ = -min(R·A, clip(R)·A) with A from :func:`advantages`.
         infonca (per group g of K answers, Δ_k = Σ_t log R_t of answer k, p = infonca_targets(r)):
               ℓ_g = -Σ_k p_k·log softmax_k(β·Δ) + λ·Σ_k p_k·(-Σ_t log π_θ)/|y_k|;
@@ -166,8 +208,13 @@ def policy_loss(
         num_groups      infonca: groups with a valid token; else 0                      (sum)
     """
     check_choice("algorithm", algorithm, ALGORITHMS)
+    if prompt_weight is None:
+        prompt_weight = DEFAULT_PROMPT_WEIGHT.get(algorithm, "uniform")
     check_choice("prompt_weight", prompt_weight, PROMPT_WEIGHTS)
     check_choice("agg", agg, AGGREGATIONS)
+    check_choice("adv_std", adv_std, ADV_STDS)
+    if max_log_ratio is not None:
+        _check_number("max_log_ratio", max_log_ratio, low=0.0, low_inclusive=False)
     _check_number("neg_clip", neg_clip, low=0.0, low_inclusive=False)
     _check_number("clip_low", clip_low, low=0.0, low_inclusive=True, high=1.0)
     _check_number("clip_high", clip_high, low=0.0, low_inclusive=True)
@@ -206,21 +253,25 @@ def policy_loss(
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     neg_floor_tokens = clip_tokens = adv_sum = num_groups = zero
 
+    if algorithm in DEFAULT_PROMPT_WEIGHT:  # nft and rft: the official code's NFT loss
+        rhat = clamp_correct_rate(rhat, rhat_clamp)
+        omega = prompt_weights(rhat, prompt_weight).to(dtype)
+        # torch.clamp passes no gradient beyond the cap: a token whose ratio ran past e^10 stops pulling.
+        capped = log_ratio if max_log_ratio is None else log_ratio.clamp(max=max_log_ratio)
     if algorithm == "nft":
-        omega = prompt_weights(correct_rate, prompt_weight).to(dtype)[:, None]
         # A response with r̂ = 1 is positive (its (1-r) factor is 0); dividing by 1 there keeps it finite.
         one_minus = torch.where(rhat < 1, 1.0 - rhat, 1.0)
         # y = x - 1 = -r̂(R - 1)/(1 - r̂), via expm1 so that x is exactly 1 at R = 1 (the first minibatch's
         # loss is then exactly 0) and log1p keeps precision near R = 1.
-        y = -(rhat / one_minus) * torch.expm1(log_ratio)
+        y = -(rhat / one_minus) * torch.expm1(capped)
         floor = neg_clip - 1.0
         y_detached = y.detach()
         # max_v: value max(y, ε-1), gradient that of y (straight-through: scaled by 1/max(x, ε), never zeroed).
         y_v = y_detached.clamp_min(floor) + (y - y_detached)
-        per_token = -omega * (r * log_ratio + (1.0 - r) * torch.log1p(y_v))
+        per_token = -omega * (r * capped + (1.0 - r) * torch.log1p(y_v))
         neg_floor_tokens = (neg & (y_detached < floor)).sum().to(dtype)
     elif algorithm == "rft":
-        per_token = -r * log_ratio
+        per_token = -omega * r * capped
     elif algorithm == "infonca":
         group_losses, group_valid = _infonca_group_losses(
             logprobs.to(dtype), log_ratio, weight, valid, rewards.detach().to(dtype), group_size,
@@ -230,7 +281,8 @@ def policy_loss(
         norm = agg_norm if agg == "token_sum_norm" else num_groups.clamp_min(1.0)
         return _finish(group_losses.sum() / norm, ratio, valid, pos, neg, dtype, num_groups=num_groups)
     else:
-        adv = advantages(algorithm, rewards.to(dtype), correct_rate.to(dtype), reward_std)[:, None]
+        adv = advantages(algorithm, rewards.to(dtype), correct_rate.to(dtype), reward_std, std=adv_std,
+                         group_size=group_size)[:, None]
         high = clip_high if algorithm == "dapo" else clip_low
         # -min(R·A, clip(R)·A): the clipped term is the smaller one exactly when A > 0 and R > 1+high, or
         # A < 0 and R < 1-low; there its gradient is 0.
