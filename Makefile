@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-gpu setup clean
+.PHONY: demo test test-fast test-gpu gpu-bundle gpu-check setup clean
 
 $(STAMP): pyproject.toml scripts/find-python312.sh
 	@set -e; \
@@ -35,6 +35,16 @@ test-fast: $(STAMP)
 # On a machine with CUDA.
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu -o addopts="" $(ARGS)
+
+# The wheels a stock CUDA image lacks (megatron-core and small pure-Python packages), for gpu-check on a
+# machine without network; downloads only what gpu-bundle/ does not hold yet (docs/gpu.md). Needs only
+# pip (the venv's when there is one), so it never triggers the venv's set-up.
+gpu-bundle:
+	$(or $(wildcard $(PY)),python3) scripts/gpu_bundle.py build
+
+# The one-command GPU proof: `make gpu-check OUT=dir` on a CUDA machine (results in dir/results.md).
+gpu-check:
+	scripts/gpu-check $(or $(OUT),gpu-check-results) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs/demo build *.egg-info

@@ -14,8 +14,9 @@ FLOPs are model FLOPs (what MFU counts; recomputation is not credited): 3x the f
 sequence of L tokens costs L * (2 * GEMM parameters + 2 * layers * heads * head_dim * L), the second
 term being causal attention's QK^T and PV (megatron_nft.plan.forward_flops_per_token, checked there
 against torch's FlopCounterMode; tests/test_bench_actor.py checks this script's count against the
-counter on the actor itself). MFU divides by the GPU's dense BF16 peak (H100 SXM: 989.4 TFLOP/s), also
-for FP8 runs, so that the variants compare on one scale.
+counter on the actor itself). MFU divides by the GPU's dense BF16 peak, also for FP8 runs, so that the
+variants compare on one scale: megatron_nft.plan.GPUS holds the peaks (H100/H200 SXM: 989.4 TFLOP/s),
+`--peak-tflops` overrides them.
 
 Baseline in the same run: the first variant at the first token budget; every row prints its throughput
 as a ratio to it. Variants: bf16 (no recompute), fp8 (when Transformer Engine is importable), and any
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import platform
 import random
 import statistics
@@ -36,8 +38,16 @@ TINY = {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 64, "intermedia
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 4096, "tie_word_embeddings": False}
 
-# Dense peaks, TFLOP/s (NVIDIA data sheets), by a substring of torch.cuda.get_device_name().
-BF16_PEAKS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0))
+# torch.cuda.get_device_name() substring -> megatron_nft.plan.GPUS entry, whose dense BF16 peak MFU divides
+# by (the one table of GPU peaks). First match wins; a PCIe H100 (756 TFLOP/s) matches none.
+PLAN_GPUS = (("H100 PCIe", None), ("GH200", "h200"), ("H200", "h200"), ("H100", "h100-80gb"), ("A100", "a100-80gb"))
+
+
+def bf16_peak(device_name: str) -> float | None:
+    from megatron_nft.plan import GPUS
+
+    key = next((key for sub, key in PLAN_GPUS if sub in device_name), None)
+    return GPUS[key].bf16_tflops if key else None
 
 
 @dataclass(frozen=True)
@@ -99,25 +109,25 @@ def make_batch(shape, lengths: list[int], seed: int):
     return batch
 
 
-def build_actor(shape, variant: Variant, *, tokens: int, dtype: str):
+def build_actor(shape, variant: Variant, *, tokens: int, dtype: str, impl: str = "auto"):
     from megatron_nft.actor import Actor
     from megatron_nft.config import AlgoConfig, OptimConfig
     from megatron_nft.model.qwen2 import ModelOptions
 
-    options = ModelOptions(fp8=variant.fp8, fp8_recipe=variant.fp8_recipe, recompute=variant.recompute)
+    options = ModelOptions(impl=impl, fp8=variant.fp8, fp8_recipe=variant.fp8_recipe, recompute=variant.recompute)
     return Actor(shape, dtype=dtype, optim=OptimConfig(lr=1e-6, warmup_steps=0), algo=AlgoConfig(name="nft"),
                  max_tokens_per_micro_batch=tokens, options=options)
 
 
 def measure(shape, variant: Variant, *, tokens: int, rows: int, micro_batches: int, steps: int, warmup: int,
-            dtype: str, spread: float = 0.0, seed: int = 0) -> dict:
+            dtype: str, spread: float = 0.0, seed: int = 0, impl: str = "auto") -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
     rng = random.Random(seed)
     lengths = [n for _ in range(micro_batches) for n in sequence_lengths(tokens, rows, rng, spread)]
     batch = make_batch(shape, lengths, seed)
-    actor = build_actor(shape, variant, tokens=tokens, dtype=dtype)
+    actor = build_actor(shape, variant, tokens=tokens, dtype=dtype, impl=impl)
     micro, _ = actor._local_microbatches({k: batch[k] for k in ("tokens", "loss_mask")})
     if cuda:
         torch.cuda.synchronize()
@@ -151,7 +161,7 @@ def machine() -> tuple[str, float | None]:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         line += f" | {name}"
-        peak = next((p for key, p in BF16_PEAKS if key in name), None)
+        peak = bf16_peak(name)
     try:
         import transformer_engine
 
@@ -175,6 +185,11 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default: bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--variants", default=None, help="comma-separated, e.g. bf16,fp8,bf16+full (default: bf16, "
                     "plus fp8 when Transformer Engine is importable)")
+    ap.add_argument("--impl", choices=["auto", "local", "te"], default="auto",
+                    help="layer spec (model.impl): local = megatron-core's own layers (FlexAttention when packed on a GPU)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="dense BF16 peak for MFU (default: the GPU's "
+                    "entry in megatron_nft.plan.GPUS)")
+    ap.add_argument("--json", default=None, help="append one JSON object per result row to this file")
     args = ap.parse_args()
 
     import torch
@@ -188,6 +203,7 @@ def main() -> None:
     names = args.variants.split(",") if args.variants else ["bf16"] + (["fp8"] if te_available() else [])
     variants = [parse_variant(v) for v in names]
     line, peak = machine()
+    peak = args.peak_tflops or peak
     print(f"machine: {line}")
     print(f"model: {args.model}: {parameter_count(shape) / 1e9:.3f} B parameters ({matmul_parameters(shape) / 1e9:.3f} B "
           f"in GEMMs), {shape.num_layers} layers, hidden {shape.hidden_size}, heads {shape.num_heads}/{shape.num_kv_heads}, "
@@ -198,7 +214,7 @@ def main() -> None:
     for tokens in args.tokens:
         for variant in variants:
             r = measure(shape, variant, tokens=tokens, rows=args.rows, micro_batches=args.micro_batches,
-                        steps=args.steps, warmup=args.warmup, dtype=dtype, spread=args.spread)
+                        steps=args.steps, warmup=args.warmup, dtype=dtype, spread=args.spread, impl=args.impl)
             baseline = baseline or r["tokens_per_s"]
             mfu = f"MFU {100 * r['tflops'] / peak:.1f}% of {peak:.0f}" if peak else "MFU n/a (no known GPU peak)"
             memory = f"peak memory {r['peak_gib']:.1f} GiB" if r["peak_gib"] == r["peak_gib"] else "peak memory n/a (CPU)"
@@ -207,6 +223,12 @@ def main() -> None:
                   f"of {r['tokens'] / r['micro_batches']:,.0f} tokens on average, {r['sequences']} sequences), "
                   f"{r['tokens_per_s']:,.0f} tokens/s ({r['tokens_per_s'] / baseline:.2f}x baseline), "
                   f"{r['flops'] / 1e12:.4g} TFLOP/step, {r['tflops']:.4g} TFLOP/s, {mfu}, {memory}, loss {r['loss']:.4f}")
+            if args.json:  # one line per row, written as it comes: a run cut short keeps what it measured
+                row = {"model": args.model, "impl": args.impl, "dtype": dtype, "budget": tokens, **r,
+                       "variant": label, "peak_tflops": peak, "mfu": r["tflops"] / peak if peak else None,
+                       "ratio_to_baseline": r["tokens_per_s"] / baseline}
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     runtime.destroy()
 
 

@@ -244,6 +244,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads, the same for both paths")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (CPU: each in a fresh process)")
     p.add_argument("--skip-naive-above", type=int, default=None, help="do not run naive for T above this")
+    p.add_argument("--json", default=None, help="append one JSON object per table row to this file")
     # internal: one CPU measurement in a fresh process
     p.add_argument("--worker-path", choices=sorted(PATHS), help=argparse.SUPPRESS)
     p.add_argument("--worker-tokens", type=int, help=argparse.SUPPRESS)
@@ -291,8 +292,17 @@ def main(argv=None) -> None:
                     a, b = (None if naive is None else naive[key]), fused[key]
                     ratio = f"{b / a:.3f}" if a and b else "-"
                     cells += ["-" if a is None else show(a), "-" if b is None else show(b), ratio]
-                cells += [f"{x:.1e}" for x in compare(fused_file, naive_file)] if naive else ["-", "-"]
+                diffs = compare(fused_file, naive_file) if naive else (None, None)
+                cells += [f"{x:.1e}" for x in diffs] if naive else ["-", "-"]
                 print(f"| {tokens} | {chunk} | " + " | ".join(cells) + " |", flush=True)
+                if args.json:  # one line per row, written as it comes
+                    ratio = lambda key: fused[key] / naive[key] if naive and naive[key] and fused[key] else None
+                    row = {"tokens": tokens, "chunk": chunk, "vocab": args.vocab, "hidden": args.hidden,
+                           "dtype": args.dtype, "device": args.device, "naive": naive, "fused": fused,
+                           "time_ratio": ratio("seconds"), "memory_ratio": ratio("peak_extra_bytes"),
+                           "max_abs_dlogprob": diffs[0], "grad_rel_diff": diffs[1]}
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(row) + "\n")
     print(f"load average at end: {os.getloadavg()}")
 
 
