@@ -49,10 +49,15 @@ mem_fraction_static of a dedicated GPU, or in what the resident actor leaves of 
 Without a stated TP, the one with the highest decode throughput per GPU is chosen.
 
 Step time: actor FLOPs per token 2*P_mm forward with P_mm the matmul parameters (all but the input
-embedding) plus causal attention 2*nq*d*S per layer (S the sequence length); training = forward +
-backward (x3), +1 forward with full recompute, + the MLP's forward with "mlp"; the old-log-prob pass is
-one more forward. Time = FLOPs / (GPUs * peak * MFU), divided by (1 - pipeline bubble) with the 1F1B
-bubble (pp-1)/(m+pp-1); FP8 doubles the peak of the GEMM part. Rollout time = generated tokens /
+embedding) plus causal attention 2*nq*d*S per layer, S the token's sequence length, so a step's
+attention is rows x E[S^2] (response lengths from a sample, or uniform around their mean: Workload).
+Model FLOPs of training = 3 x forward (forward + backward), as Megatron and bench/actor_throughput.py
+count them: `--mfu` is utilisation in those terms, measured on a run with recompute `--mfu-recompute`.
+Recompute adds executed (hardware) FLOPs -- the layers' forward with "full", the MLPs' GEMMs with
+"mlp", QK^T/PV with "core_attn" -- and every layout runs at the hardware rate the measured run
+reached (hardware_utilisation); the old-log-prob pass is one more forward. Time = FLOPs / (GPUs *
+peak * that rate), divided by (1 - pipeline bubble) with the 1F1B bubble (pp-1)/(m+pp-1); FP8
+doubles the peak of the GEMM part. Rollout time = generated tokens /
 (decode tokens/s per GPU * rollout GPUs); without a stated throughput it comes from a roofline:
 every decode step reads the weights and the running sequences' KV cache from HBM (or, if slower,
 computes 2*P_mm FLOPs per running sequence). Communication (`communication_time`): TP all-reduces of
@@ -152,6 +157,8 @@ class Workload:
     gen_rounds: float = 1.0  # generation rounds per step (dynamic sampling may need more than one)
     mean_response_len: float | None = None  # for step time (default: half of response_len)
     micro_batch_tokens: int | None = None  # tokens per micro-batch (default: one full sequence)
+    # a measured sample of response lengths (e.g. a previous run's); its mean replaces mean_response_len
+    response_lengths: tuple[float, ...] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -167,7 +174,37 @@ class Workload:
 
     @property
     def mean_response(self) -> float:
+        if self.response_lengths:
+            return sum(self.response_lengths) / len(self.response_lengths)
         return self.response_len / 2 if self.mean_response_len is None else self.mean_response_len
+
+    @property
+    def mean_seq_len(self) -> float:
+        return self.prompt_len + self.mean_response
+
+    def _uniform_response_range(self) -> tuple[float, float]:
+        """Without a sample, response lengths are taken as uniform around their mean, as wide as
+        [0, response_len] allows: [0, 2m] or [2m - response_len, response_len]."""
+        m = self.mean_response
+        half = min(m, self.response_len - m)
+        return m - half, m + half
+
+    @property
+    def mean_square_seq_len(self) -> float:
+        """E[S^2] over the step's sequences (causal attention costs S^2 per sequence, so its total is
+        rows x E[S^2], not rows x E[S]^2): from the sample, else the uniform law above,
+        E[S^2] = E[S]^2 + width^2 / 12."""
+        if self.response_lengths:
+            return sum((self.prompt_len + u) ** 2 for u in self.response_lengths) / len(self.response_lengths)
+        low, high = self._uniform_response_range()
+        return self.mean_seq_len**2 + (high - low) ** 2 / 12
+
+    def length_assumption(self) -> str:
+        if self.response_lengths:
+            return f"response lengths: a sample of {len(self.response_lengths)} (mean {self.mean_response:,.0f})"
+        low, high = self._uniform_response_range()
+        mean = "stated" if self.mean_response_len is not None else "default: half of the maximum"
+        return f"response lengths uniform on [{low:,.0f}, {high:,.0f}] tokens (mean {self.mean_response:,.0f}, {mean})"
 
 
 @dataclass(frozen=True)
@@ -183,12 +220,14 @@ class Settings:
     rollout_gpus: int | None = None  # disaggregated: GPUs running SGLang (default: as many as training)
     rollout_tp: int | None = None  # SGLang TP; None: the one with the best decode throughput per GPU
     rollout_mem_fraction: float = 0.85  # SGLang --mem-fraction-static on dedicated rollout GPUs
-    mfu: float = 0.35
+    mfu: float = 0.35  # DEFAULT_MFU; model-FLOPs utilisation (see hardware_utilisation): an assumption unless stated
+    mfu_recompute: str = "none"  # the recompute mode of the run `mfu` was measured on
     decode_tps: float | None = None  # decode tokens/s per rollout GPU; None: bandwidth roofline
     hbm_efficiency: float = 0.6  # achieved fraction of HBM bandwidth in decode
     max_running_requests: int = 512  # SGLang's cap on concurrently decoded sequences per server
     logprob_chunk: int = 1024  # model/logprobs.py DEFAULT_CHUNK_SIZE
     optimizer_scratch: bool = False  # torch's (non-fused) Adam allocates one fp32 shard-sized temporary
+    stated: frozenset = frozenset()  # inputs the user gave ("mfu", "decode_tps"); the rest are assumptions
 
     @property
     def budget_bytes(self) -> float:
@@ -463,7 +502,7 @@ def stage_phases(shape, work: Workload, layout: Layout, settings: Settings, stag
 
 
 def plan_layout(shape, work: Workload, layout: Layout, settings: Settings = Settings(), gpus_per_node: int = 8) -> LayoutPlan:
-    problems = _structural_problems(shape, work, layout, settings)
+    problems = _structural_problems(shape, work, layout)
     by_stage = [stage_phases(shape, work, layout, settings, stage) for stage in range(layout.pp)]
     stage = max(range(layout.pp), key=lambda i: max(x.value for x in by_stage[i][1]))
     memory, phases, static = by_stage[stage]
@@ -547,7 +586,8 @@ def _logprob_forward_scratch(shape, work, layout, settings) -> float:
     return 2 * t * widest * settings.act_bytes + 2 * min(settings.logprob_chunk, t) * vocab * 4
 
 
-def _structural_problems(shape, work, layout, settings) -> list[str]:
+def _structural_problems(shape, work, layout) -> list[str]:
+    """Why a layout cannot run at all (megatron-core would refuse it), whatever the memory."""
     out = []
     if shape.num_kv_heads % layout.tp or shape.num_heads % layout.tp or shape.intermediate_size % layout.tp:
         out.append(f"TP {layout.tp} does not divide the heads / FFN width")
@@ -585,11 +625,12 @@ def decode_tokens_per_gpu(shape, work: Workload, settings: Settings, tp_r: int, 
     step_bytes = parameter_count(shape) * 2 + running * context * kv_bytes_per_token(shape, tp_r) * tp_r
     memory_s = step_bytes / (tp_r * settings.gpu.hbm_tbps * 1e12 * settings.hbm_efficiency)
     gemm, attention = forward_flops_per_token(shape, 2 * context)  # one new token attends to `context`
-    compute_s = running * (gemm + attention) / (tp_r * settings.gpu.bf16_tflops * 1e12 * settings.mfu)
+    hw = hardware_utilisation(shape, work, settings)
+    compute_s = running * (gemm + attention) / (tp_r * settings.gpu.bf16_tflops * 1e12 * hw)
     bound = "HBM" if memory_s >= compute_s else "compute"
     return running / max(memory_s, compute_s) / tp_r, (
         f"roofline, {bound}-bound: {running:.0f} running x {context:.0f}-token context per TP{tp_r} server, "
-        f"{settings.hbm_efficiency:.0%} of {settings.gpu.hbm_tbps} TB/s, {settings.mfu:.0%} of peak FLOP/s"
+        f"{settings.hbm_efficiency:.0%} of {settings.gpu.hbm_tbps} TB/s, {hw:.0%} of peak FLOP/s"
     )
 
 
@@ -614,8 +655,50 @@ def forward_flops_per_token(shape, seq_len: float) -> tuple[float, float]:
     return gemm, attention
 
 
-# Forward+backward passes per training step and TP all-reduces per layer, by recompute mode
-_PASSES = {"none": 3.0, "core_attn": 3.0, "full": 4.0}
+def step_model_flops(shape, work: Workload) -> tuple[float, float]:
+    """(GEMM, attention) FLOPs of one forward over all the step's sequences. GEMMs scale with tokens;
+    causal attention with each sequence's S^2, so its total is rows x E[S^2] x 2*nq*d*L (what
+    bench/actor_throughput.py sums sequence by sequence), not rows x E[S]^2."""
+    tokens = work.rows * work.mean_seq_len
+    gemm, attention = forward_flops_per_token(shape, work.mean_square_seq_len / work.mean_seq_len)
+    return tokens * gemm, tokens * attention
+
+
+def recompute_flops(shape, work: Workload, recompute: str) -> tuple[float, float]:
+    """(GEMM, attention) FLOPs the backward recomputes per step: hardware FLOPs, never model FLOPs.
+    Full recompute re-runs every transformer layer's forward (not the output layer, which sits
+    outside the checkpointed layers); "mlp" the MLPs' GEMMs; "core_attn" QK^T and PV."""
+    gemm, attention = step_model_flops(shape, work)
+    tokens = work.rows * work.mean_seq_len
+    output_layer = tokens * 2 * shape.vocab_size * shape.hidden_size
+    mlp = tokens * 2 * layer_parameters(shape)["mlp"] * shape.num_layers
+    return {"none": (0.0, 0.0), "core_attn": (0.0, attention), "mlp": (mlp, 0.0),
+            "full": (gemm - output_layer, attention)}[recompute]
+
+
+def _peak_seconds(settings: Settings, gemm: float, attention: float) -> float:
+    """One GPU's seconds for these FLOPs at 100% of peak (GEMMs at the FP8 peak under FP8)."""
+    gemm_peak = settings.gpu.fp8_tflops if settings.fp8 and settings.gpu.fp8_tflops else settings.gpu.bf16_tflops
+    return (gemm / gemm_peak + attention / settings.gpu.bf16_tflops) / 1e12
+
+
+def hardware_utilisation(shape, work: Workload, settings: Settings) -> float:
+    """The fraction of peak at which the GPUs execute FLOPs, from settings.mfu.
+
+    settings.mfu is a model-FLOPs utilisation, Megatron's and bench/actor_throughput.py's definition:
+    the training pass's model FLOPs (3 x forward; recomputation is not credited) / (time x GPUs x
+    peak), measured on a run with recompute settings.mfu_recompute. That run executed its model
+    FLOPs plus what it recomputed in the same time, so its GPUs ran at
+        mfu x (model + recomputed) / model
+    of peak. Every layout is assumed to reach this hardware rate: recompute then costs time for the
+    FLOPs it adds, and an MFU measured under full recompute reproduces its own run's time."""
+    gemm, attention = step_model_flops(shape, work)
+    extra_gemm, extra_attention = recompute_flops(shape, work, settings.mfu_recompute)
+    model = _peak_seconds(settings, 3 * gemm, 3 * attention)
+    return settings.mfu * (model + _peak_seconds(settings, extra_gemm, extra_attention)) / model
+
+
+# TP all-reduces per layer, by recompute mode
 _TP_ALLREDUCES = {"none": 4, "core_attn": 4, "mlp": 5, "full": 6}
 
 
@@ -625,8 +708,7 @@ def communication_time(shape, work: Workload, layout: Layout, settings: Settings
     a group stays on NVLink while the product of its own and the inner sizes fits in a node."""
     tp, cp, dp, pp = layout.tp, layout.cp, layout.dp, layout.pp
     gpu, a = settings.gpu, settings.act_bytes
-    mean_seq = work.prompt_len + work.mean_response
-    tokens = work.rows * mean_seq / (dp * cp)  # tokens this GPU's activations cover per RL step
+    tokens = work.rows * work.mean_seq_len / (dp * cp)  # tokens this GPU's activations cover per RL step
     layers = shape.num_layers / pp
 
     def link(inner: int) -> float:
@@ -652,16 +734,14 @@ def communication_time(shape, work: Workload, layout: Layout, settings: Settings
 
 def step_time(shape, work: Workload, layout: Layout, settings: Settings, m: int, tp_r: int, kv_tokens: float,
               gpus_per_node: int = 8) -> list[Line]:
-    mean_seq = work.prompt_len + work.mean_response
-    tokens = work.rows * mean_seq
-    gemm, attn = forward_flops_per_token(shape, mean_seq)
-    gemm_rate = settings.gpu.fp8_tflops if settings.fp8 and settings.gpu.fp8_tflops else settings.gpu.bf16_tflops
-    rate = layout.gpus * settings.mfu * 1e12
-    fwd_s = tokens * (gemm / gemm_rate + attn / settings.gpu.bf16_tflops) / rate
-    passes = _PASSES.get(layout.recompute)
-    if passes is None:  # mlp: the MLP's forward again
-        mlp_share = 3 * shape.hidden_size * shape.intermediate_size * shape.num_layers / matmul_parameters(shape)
-        passes = 3.0 + mlp_share
+    tokens = work.rows * work.mean_seq_len
+    gemm, attn = step_model_flops(shape, work)
+    extra_gemm, extra_attn = recompute_flops(shape, work, layout.recompute)
+    hw = hardware_utilisation(shape, work, settings)
+    fwd_s = _peak_seconds(settings, gemm, attn) / (layout.gpus * hw)
+    train_s = _peak_seconds(settings, 3 * gemm + extra_gemm, 3 * attn + extra_attn) / (layout.gpus * hw)
+    # what bench/actor_throughput.py would measure for this layout (model FLOPs, dense BF16 peak)
+    layout_mfu = 3 * (gemm + attn) / (train_s * layout.gpus * settings.gpu.bf16_tflops * 1e12)
     bubble = (layout.pp - 1) / (m + layout.pp - 1)
     bubble_note = f" / (1 - pipeline bubble {bubble:.0%})" if bubble else ""
     gen_tokens = (work.gen_prompts or work.prompts_per_step) * work.samples_per_prompt * work.mean_response * work.gen_rounds
@@ -671,9 +751,11 @@ def step_time(shape, work: Workload, layout: Layout, settings: Settings, m: int,
         Line("rollout: decode", gen_tokens / (tps * rollout_gpus),
              f"{gen_tokens:,.0f} tokens / ({tps:,.0f} tok/s per GPU [{how}] x {rollout_gpus} GPUs)"),
         Line("actor: old log-probs (forward)", fwd_s / (1 - bubble),
-             f"{tokens:,.0f} tokens x {(gemm + attn) / 1e9:,.1f} GFLOP / ({layout.gpus} GPUs x {settings.mfu:.0%} MFU)"
+             f"{tokens:,.0f} tokens x {(gemm + attn) / tokens / 1e9:,.1f} GFLOP / ({layout.gpus} GPUs x {hw:.1%} of peak)"
              + bubble_note),
-        Line("actor: training", passes * fwd_s / (1 - bubble), f"{passes:.2f} x forward ({layout.recompute} recompute){bubble_note}"),
+        Line("actor: training", train_s / (1 - bubble),
+             f"3 x forward + {(extra_gemm + extra_attn) / (gemm + attn):.2f} x forward recomputed ({layout.recompute}) at "
+             f"{hw:.1%} of peak = model-FLOPs MFU {layout_mfu:.1%}{bubble_note}"),
         communication_time(shape, work, layout, settings, gpus_per_node),
     ]
 
@@ -685,7 +767,20 @@ def step_time(shape, work: Workload, layout: Layout, settings: Settings, m: int,
 
 def candidate_layouts(shape, work: Workload, gpus: int, gpus_per_node: int = 8, *, tp=None, pp=None, cp=None,
                       recompute=None) -> list[Layout]:
-    """Every layout of `gpus` GPUs that divides the model (TP within a node); fixed values restrict it."""
+    """Every layout of `gpus` GPUs that can run: TP within a node dividing the heads, key/value heads
+    and FFN width, PP dividing the layers, sequences a multiple of 2*cp, a minibatch row per DP rank.
+    Fixed values restrict it. A ConfigError (one line) when none can."""
+    every = _every_layout(shape, gpus, gpus_per_node, tp=tp, pp=pp, cp=cp, recompute=recompute)
+    runnable = [layout for layout in every if not _structural_problems(shape, work, layout)]
+    if not runnable:
+        from megatron_nft.errors import ConfigError
+
+        reasons = sorted({p for layout in every for p in _structural_problems(shape, work, layout)})
+        raise ConfigError(f"no layout of {gpus} GPUs can run this model and batch: " + "; ".join(reasons or ["none divides them"]))
+    return runnable
+
+
+def _every_layout(shape, gpus: int, gpus_per_node: int, *, tp, pp, cp, recompute) -> list[Layout]:
     out = []
     for t in [tp] if tp else [x for x in (1, 2, 4, 8) if x <= gpus_per_node]:
         for p in [pp] if pp else [x for x in (1, 2, 4, 8, 16) if shape.num_layers % x == 0]:
@@ -798,9 +893,15 @@ def report(shape, work: Workload, gpus: int, settings: Settings, *, gpus_per_nod
         f"{gpus} x {settings.gpu.name} for training"
         + (", SGLang colocated" if settings.colocate else f", {settings.rollout_gpus or gpus} GPUs for SGLang")
         + f"; {settings.dtype}{' + FP8' if settings.fp8 else ''}, {settings.implementation} layers, "
-        f"sequence parallel {'on' if settings.sequence_parallel else 'off'}, MFU {settings.mfu:.0%}",
-        "",
+        f"sequence parallel {'on' if settings.sequence_parallel else 'off'}, MFU {settings.mfu:.0%} "
+        f"(model FLOPs, of a run with recompute={settings.mfu_recompute}: GPUs at "
+        f"{hardware_utilisation(shape, work, settings):.1%} of peak in executed FLOPs)",
     ]
+    unmeasured = assumptions(work, settings)
+    if unmeasured:
+        out.append("assumed, not measured (state them to replace):")
+        out += [f"  - {line}" for line in unmeasured]
+    out.append("")
     if fitting:
         out.append(f"{len(fitting)} of {len(plans)} layouts fit; fastest first (GiB per GPU; actor/rollout/step per RL step):")
         out.append(format_table(fitting, limit))
@@ -817,6 +918,34 @@ def report(shape, work: Workload, gpus: int, settings: Settings, *, gpus_per_nod
 
 
 
+# Where the default MFU stands against published step times (README "Plan"): NeMo-RL's GRPO runs,
+# Qwen3-32B on 32 H100 (376 s/step) and Llama-3.1-8B on 16 (92.8 s/step), were predicted at 0.71x and
+# 0.50x of the measured time at MFU 0.35, i.e. those runs reached 0.21-0.26 in this planner's terms
+# (issue #16; computed before items 12-13, and not rerun here: neither model is a Qwen2 shape).
+DEFAULT_MFU = 0.35
+PUBLISHED_IMPLIED_MFU = (0.21, 0.26)
+
+
+def assumptions(work: Workload, settings: Settings) -> list[str]:
+    """The inputs of a plan that nobody measured: printed with every report."""
+    out = []
+    if "mfu" not in settings.stated:
+        low, high = PUBLISHED_IMPLIED_MFU
+        out.append(f"actor MFU {settings.mfu:.0%}: a default, not measured for this actor; NeMo-RL's published GRPO "
+                   f"step times imply {low:.0%}-{high:.0%} (README); measure with bench/actor_throughput.py, pass --mfu")
+    if "decode_tps" not in settings.stated:
+        out.append(f"decode speed: an HBM roofline at {settings.hbm_efficiency:.0%} of {settings.gpu.hbm_tbps} TB/s "
+                   f"(pass --decode-tps from a SGLang benchmark)")
+    if not work.response_lengths:
+        out.append(work.length_assumption())
+    out.append(f"NCCL bus bandwidths {settings.gpu.nvlink_gbs:.0f} GB/s in a node, {settings.gpu.network_gbs:.0f} GB/s "
+               f"across nodes per GPU, no overlap")
+    if settings.implementation == "te":
+        out.append("Transformer Engine activation sizes" + (" and FP8 rates" if settings.fp8 else "")
+                   + ": from the kernels' design, not yet measured on a GPU")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # command line (`megatron-nft plan`)
 # --------------------------------------------------------------------------------------------------
@@ -829,7 +958,8 @@ def add_arguments(p) -> None:
                    help=f"{', '.join(PUBLIC_CONFIGS)}, an HF config.json or a checkpoint directory")
     m.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: %(default)s, the paper's 7B)")
     m.add_argument("--response-len", type=int, default=3584, help="max new tokens (default: %(default)s; 32B: 14336)")
-    m.add_argument("--mean-response-len", type=float, default=None, help="for step time (default: half of --response-len)")
+    m.add_argument("--mean-response-len", type=float, default=None,
+                   help="for step time (default: half of --response-len; lengths taken as uniform around it)")
     m.add_argument("--prompts", type=int, default=512, help="prompts per step N (default: %(default)s)")
     m.add_argument("--samples", type=int, default=16, help="answers per prompt K (default: %(default)s)")
     m.add_argument("--minibatches", type=int, default=16, help="optimizer steps per RL step (default: %(default)s)")
@@ -854,7 +984,11 @@ def add_arguments(p) -> None:
     r.add_argument("--colocate", action="store_true", help="SGLang on the training GPUs")
     r.add_argument("--rollout-gpus", type=int, default=None, help="dedicated SGLang GPUs (default: as many as --gpus)")
     r.add_argument("--rollout-tp", type=int, default=None, help="SGLang tensor parallelism (default: the fastest that fits)")
-    r.add_argument("--mfu", type=float, default=0.35, help="actor model-FLOPs utilisation (default: %(default)s)")
+    r.add_argument("--mfu", type=float, default=None,
+                   help=f"actor model-FLOPs utilisation, as bench/actor_throughput.py and Megatron measure it "
+                        f"(recompute not credited; default: {DEFAULT_MFU}, an assumption)")
+    r.add_argument("--mfu-recompute", choices=list(RECOMPUTE), default=None,
+                   help="the recompute mode of the run --mfu was measured on (default: --recompute if fixed, else none)")
     r.add_argument("--decode-tps", type=float, default=None, help="decode tokens/s per GPU (default: bandwidth roofline)")
     p.add_argument("--top", type=int, default=12, help="table rows (default: %(default)s)")
 
@@ -872,16 +1006,27 @@ def run(args) -> str:
             raise ConfigError(f"{flag}={value}: expected a positive integer")
     if args.rollout_tp is not None and args.rollout_tp < 1:
         raise ConfigError(f"--rollout-tp={args.rollout_tp}: expected a positive integer")
-    if not 0 < args.mfu <= 1:
+    if args.mfu is not None and not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu={args.mfu}: expected a fraction in (0, 1]")
+    if args.mean_response_len is not None and not 0 < args.mean_response_len <= args.response_len:
+        raise ConfigError(f"--mean-response-len={args.mean_response_len}: expected a length in (0, --response-len={args.response_len}]")
     if (args.prompts * args.samples) % args.minibatches:
         raise ConfigError(f"--minibatches={args.minibatches} must divide --prompts x --samples = {args.prompts * args.samples}")
-    for flag, value, limit in (("--tp", args.tp, shape.num_kv_heads), ("--pp", args.pp, shape.num_layers)):
+    for flag, value, limit, what in (("--tp", args.tp, shape.num_kv_heads, "key/value heads"),
+                                     ("--tp", args.tp, shape.num_heads, "attention heads"),
+                                     ("--tp", args.tp, shape.intermediate_size, "FFN width (intermediate_size)"),
+                                     ("--pp", args.pp, shape.num_layers, "layers")):
         if value is not None and (value < 1 or limit % value):
-            what = "key/value heads" if flag == "--tp" else "layers"
             raise ConfigError(f"{flag}={value}: must divide the model's {limit} {what}")
     if args.cp is not None and args.cp < 1:
         raise ConfigError(f"--cp={args.cp}: expected a positive integer")
+    seq_len = args.prompt_len + args.response_len
+    if seq_len > shape.max_position_embeddings:
+        raise ConfigError(f"--prompt-len + --response-len = {seq_len} exceeds the model's max_position_embeddings "
+                          f"{shape.max_position_embeddings}")
+    if args.cp is not None and args.cp > 1 and seq_len % (2 * args.cp):
+        raise ConfigError(f"--cp={args.cp}: the sequence length {seq_len} (--prompt-len + --response-len) is not a "
+                          f"multiple of 2 x cp = {2 * args.cp} (context parallel cuts it into 2*cp chunks)")
     fixed = (args.tp or 1) * (args.pp or 1) * (args.cp or 1)
     if args.gpus % fixed:
         raise ConfigError(f"--gpus={args.gpus} is not divisible by tp x pp x cp = {fixed}")
@@ -893,8 +1038,11 @@ def run(args) -> str:
     settings = Settings(
         gpu=GPUS[args.gpu], gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib, dtype=args.dtype,
         fp8=args.fp8, sequence_parallel=args.sequence_parallel, implementation=args.implementation,
-        colocate=args.colocate, rollout_gpus=args.rollout_gpus, rollout_tp=args.rollout_tp, mfu=args.mfu,
+        colocate=args.colocate, rollout_gpus=args.rollout_gpus, rollout_tp=args.rollout_tp,
+        mfu=DEFAULT_MFU if args.mfu is None else args.mfu,
+        mfu_recompute=args.mfu_recompute or args.recompute or "none",
         decode_tps=args.decode_tps,
+        stated=frozenset(k for k in ("mfu", "decode_tps") if getattr(args, k) is not None),
     )
     name = args.model if str(args.model).lower() in PUBLIC_CONFIGS else str(args.model)
     return report(shape, work, args.gpus, settings, gpus_per_node=args.gpus_per_node, limit=args.top,

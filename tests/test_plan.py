@@ -26,6 +26,7 @@ import torch
 
 from megatron_nft import plan as P
 from megatron_nft.cli import main
+from megatron_nft.errors import ConfigError
 from megatron_nft.testing import run_distributed
 
 # Published totals (the models' safetensors / model cards).
@@ -96,6 +97,111 @@ def test_flops_match_torch_flop_counter():
     total = {str(k): v for k, v in both.get_flop_counts()["Global"].items()}
     assert total["aten.mm"] + total["aten.addmm"] == 3 * gemm * batch * seq  # backward = 2 x forward
     assert logits.shape == (batch, seq, 101)
+
+
+def _forward_flops_closed_form(shape, rows, lengths):
+    """(GEMM, attention) FLOPs of one forward over `rows` sequences whose lengths are distributed as
+    `lengths`, written out from the shape: 2 FLOPs per multiply-add of every linear weight and the
+    output layer per token; causal QK^T and PV, 2*nq*d per (query, earlier key) pair, per layer."""
+    h, f, d, nq, nkv, L = (shape.hidden_size, shape.intermediate_size, shape.head_dim, shape.num_heads,
+                           shape.num_kv_heads, shape.num_layers)
+    linear = h * (nq + 2 * nkv) * d + nq * d * h + 3 * h * f
+    mean = sum(lengths) / len(lengths)
+    mean_square = sum(n * n for n in lengths) / len(lengths)
+    return rows * mean * 2 * (L * linear + shape.vocab_size * h), rows * mean_square * 2 * nq * d * L
+
+
+def test_attention_flops_use_the_mean_of_squared_lengths():
+    shape = P.model_shape("qwen2.5-7b")
+    sample = (100, 900, 3000, 3500, 200, 1200, 2800, 64)  # response lengths, one sequence each
+    work = P.Workload(prompt_len=512, response_len=3584, prompts_per_step=4, samples_per_prompt=2, response_lengths=sample)
+    gemm, attention = P.step_model_flops(shape, work)
+    ref_gemm, ref_attention = _forward_flops_closed_form(shape, 8, [512 + u for u in sample])
+    assert gemm == pytest.approx(ref_gemm, rel=1e-12) and attention == pytest.approx(ref_attention, rel=1e-12)
+    mean = 512 + sum(sample) / len(sample)  # the rule before: (mean length)^2 undercounts a spread batch
+    assert attention > 1.15 * 8 * mean**2 * 2 * shape.num_heads * shape.head_dim * shape.num_layers
+    # without a sample: uniform response lengths around the mean, E[S^2] = E[S]^2 + width^2 / 12,
+    # checked against the average over a fine grid of that uniform law
+    for mean_response, (low, high) in ((None, (0, 3584)), (1000, (0, 2000)), (3000, (2416, 3584))):
+        work = P.Workload(prompt_len=512, response_len=3584, mean_response_len=mean_response)
+        grid = [512 + low + (high - low) * (i + 0.5) / 100_000 for i in range(100_000)]
+        assert work.mean_square_seq_len == pytest.approx(sum(n * n for n in grid) / len(grid), rel=1e-9)
+        assert f"uniform on [{low:,}, {high:,}]" in work.length_assumption()
+    default = P.Workload(prompt_len=512, response_len=3584)
+    assert default.mean_square_seq_len == pytest.approx(512**2 + 512 * 3584 + 3584**2 / 3)
+
+
+def _training_seconds(plan):
+    (line,) = [x for x in plan.time if x.label == "actor: training"]
+    return line.value
+
+
+@pytest.mark.parametrize("measured_with", ["none", "mlp", "full"])
+def test_mfu_is_model_flops_and_recompute_runs_at_the_measured_hardware_rate(measured_with):
+    # --mfu is Megatron's and bench/actor_throughput.py's model-FLOPs utilisation (3 x forward, recompute
+    # not credited) of a run with recompute `measured_with`; that run's GPUs executed its model FLOPs
+    # plus the recomputed ones in the measured time. Closed forms from the shape's fields.
+    shape = P.model_shape("qwen2.5-32b")
+    work = P.Workload(prompt_len=2048, response_len=14336)
+    settings = P.Settings(mfu=0.3, mfu_recompute=measured_with)
+    gpus, peak = 64, settings.gpu.bf16_tflops * 1e12
+    low, high = 0, 14336
+    lengths = [2048 + low + (high - low) * (i + 0.5) / 10_000 for i in range(10_000)]
+    gemm, attention = _forward_flops_closed_form(shape, work.rows, lengths)
+    tokens = work.rows * (2048 + 14336 / 2)
+    model = 3 * (gemm + attention)
+    recomputed = {
+        "none": 0.0,
+        "mlp": tokens * 2 * 3 * shape.hidden_size * shape.intermediate_size * shape.num_layers,
+        "full": gemm + attention - tokens * 2 * shape.vocab_size * shape.hidden_size,  # not the output layer
+    }
+    hardware_rate = 0.3 * (model + recomputed[measured_with]) / model * peak
+    for recompute in ("none", "mlp", "full"):
+        plan = P.plan_layout(shape, work, P.Layout(tp=8, pp=1, cp=2, dp=4, recompute=recompute), settings)
+        expected = (model + recomputed[recompute]) / (gpus * hardware_rate)
+        assert _training_seconds(plan) == pytest.approx(expected, rel=1e-6), recompute
+        if recompute == measured_with:
+            # the measured run's own time: model FLOPs / (GPUs x peak x its MFU); issue 16's bug
+            # (4 passes at the measured MFU) overstated a full-recompute run by 4/3
+            assert _training_seconds(plan) == pytest.approx(model / (gpus * peak * 0.3), rel=1e-6)
+    if measured_with == "none":
+        full = P.plan_layout(shape, work, P.Layout(tp=8, pp=1, cp=2, dp=4, recompute="full"), settings)
+        assert f"model-FLOPs MFU {100 * model / (model + recomputed['full']) * 0.3:.1f}%" in [
+            x.formula for x in full.time if x.label == "actor: training"][0]
+
+
+def _gemm_flops_of_a_train_step(recompute):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from helpers import random_qwen2
+    from megatron_nft.actor import Actor
+    from megatron_nft.config import AlgoConfig, OptimConfig
+    from megatron_nft.model.qwen2 import ModelOptions, shape_from_hf
+
+    config, _ = random_qwen2(vocab=101, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96)
+    rows, seq = 4, 24
+    g = torch.Generator().manual_seed(0)
+    batch = {"tokens": torch.randint(0, 101, (rows, seq), generator=g), "loss_mask": torch.ones(rows, seq),
+             "old_logprobs": torch.full((rows, seq), -5.0), "rewards": torch.tensor([1.0, 0.0] * (rows // 2)),
+             "correct_rate": torch.full((rows,), 0.5)}
+    actor = Actor(shape_from_hf(config), micro_batch_size=rows, optim=OptimConfig(lr=1e-4, warmup_steps=0),
+                  algo=AlgoConfig(name="nft", agg="token_sum_norm"), options=ModelOptions(recompute=recompute))
+    with FlopCounterMode(display=False) as counter:
+        actor.train_step(batch)
+    actor.close()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    return counts.get("aten.mm", 0) + counts.get("aten.addmm", 0), shape_from_hf(config), rows, seq
+
+
+def test_recompute_flops_match_what_megatron_core_recomputes():
+    # torch's FlopCounterMode on the real actor's train step (megatron-core's recompute): the GEMM
+    # FLOPs that full / mlp recompute add are the planner's recompute_flops
+    base, shape, rows, seq = _gemm_flops_of_a_train_step("none")
+    work = P.Workload(prompt_len=0, response_len=seq, prompts_per_step=rows, samples_per_prompt=1, num_minibatches=1,
+                      response_lengths=(seq,))
+    for recompute in ("mlp", "full"):
+        flops, *_ = _gemm_flops_of_a_train_step(recompute)
+        assert flops - base == pytest.approx(P.recompute_flops(shape, work, recompute)[0], rel=1e-9), recompute
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,9 +361,49 @@ def test_plan_command_prints_a_ranked_table_with_every_number_explained(capsys):
         (["--model", "qwen2.5-32b", "--minibatches", "7"], "--minibatches=7 must divide"),
         (["--model", "qwen2.5-32b", "--gpus", "12", "--tp", "8"], "--gpus=12 is not divisible by tp x pp x cp = 8"),
         (["--model", "qwen2.5-32b", "--mfu", "1.5"], "--mfu=1.5"),
+        (["--model", "qwen2.5-7b", "--tp", "8"], "--tp=8: must divide the model's 4 key/value heads"),
+        (["--model", "qwen2.5-math-7b", "--response-len", "4000"],
+         "--prompt-len + --response-len = 4512 exceeds the model's max_position_embeddings 4096"),
+        (["--model", "qwen2.5-32b", "--prompt-len", "500", "--response-len", "3000", "--cp", "4"],
+         "--cp=4: the sequence length 3500 (--prompt-len + --response-len) is not a multiple of 2 x cp = 8"),
+        (["--model", "qwen2.5-32b", "--mean-response-len", "5000"], "--mean-response-len=5000.0: expected a length in"),
     ],
 )
 def test_plan_bad_input_is_one_line(argv, message, capsys):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_layouts_that_cannot_run_are_neither_counted_nor_shown():
+    # qwen2.5-7b has 28 heads and 4 key/value heads: TP 8 cannot run; a 3500-token sequence cannot be
+    # cut into 2*cp chunks for cp 4, 8, 16; DP beyond a minibatch's rows has nothing to run
+    shape = P.model_shape("qwen2.5-7b")
+    work = P.Workload(prompt_len=500, response_len=3000, prompts_per_step=64, samples_per_prompt=4, num_minibatches=16)
+    layouts = P.candidate_layouts(shape, work, 64)
+    assert {lay.tp for lay in layouts} == {1, 2, 4} and {lay.cp for lay in layouts} == {1, 2}
+    assert all(lay.dp <= 16 for lay in layouts) and layouts
+    assert all(not P._structural_problems(shape, work, lay) for lay in layouts)
+    # nothing fits a 6 GiB GPU: the "closest" shown are runnable layouts, and the count is theirs
+    settings = P.Settings(gpu_memory_gib=6)
+    text = P.report(shape, work, 64, settings, model_name="qwen2.5-7b")
+    assert f"none of the {len(layouts)} layouts fits; the closest:" in text
+    rows = [line.split() for line in text.split("the closest:")[1].splitlines()
+            if re.match(r"\s*\d+\s+\d+\s+\d+\s+\d+\s+\d+\s+(none|mlp|full)\s", line)]
+    assert rows and all(int(r[1]) in (1, 2, 4) and int(r[3]) in (1, 2) for r in rows)
+    with pytest.raises(ConfigError, match="no layout of 64 GPUs can run"):
+        P.search(shape, P.Workload(prompt_len=4000, response_len=200_000), 64)
+
+
+def test_plan_says_which_assumptions_are_not_measured(capsys):
+    base = ["plan", "--model", "qwen2.5-math-7b", "--gpus", "32", "--top", "1"]
+    assert main(base) == 0
+    out = capsys.readouterr().out.split("layouts fit")[0]
+    assert "assumed, not measured" in out
+    assert "actor MFU 35%: a default, not measured" in out and "imply 21%-26%" in out
+    assert "decode speed: an HBM roofline" in out and "response lengths uniform on [0, 3,584]" in out
+    assert main([*base, "--mfu", "0.25", "--decode-tps", "2000", "--recompute", "full"]) == 0
+    out = capsys.readouterr().out.split("layouts fit")[0]
+    assert "actor MFU" not in out and "decode speed" not in out  # stated, so not listed as assumed
+    # an MFU stated with --recompute full is taken as measured on a full-recompute run
+    assert "MFU 25% (model FLOPs, of a run with recompute=full" in out
