@@ -115,18 +115,95 @@ def test_disk_transport_is_atomic(tmp_path):
     assert list((tmp_path / "sync").iterdir()) == []
 
 
-def test_cuda_ipc_payload_round_trips():
-    """The /update_weights_from_tensor payload unpickles (same process: CPU tensors travel as shared
-    memory here, CUDA tensors as IPC handles on a GPU) to the same names and values."""
+def test_tensor_payload_is_one_share_per_receiving_rank():
+    """Each tensor-parallel rank of each server gets its own serialization (SGLang's rank r unpickles
+    entry r only; one share is one reference for one receiver to release), and a CPU payload names
+    its shared memory (file_system), which an unrelated server process can open."""
     import base64
 
+    from megatron_nft.rollout.http_server import received_copies
+
     bucket = [("a", torch.randn(3, 2)), ("b", torch.arange(4, dtype=torch.bfloat16))]
-    body = CudaIpcTransport(ranks_per_server=3, device="cpu").bucket_body(bucket, 9)
-    assert len(body["serialized_named_tensors"]) == 3 and body["weight_version"] == "9"
-    restored = pickle.loads(base64.b64decode(serialize_named_tensors(bucket)))
-    assert [n for n, _ in restored] == ["a", "b"]
-    for (_, want), (_, got) in zip(bucket, restored):
-        assert got.dtype == want.dtype and torch.equal(got, want)
+    transport = CudaIpcTransport(ranks_per_server=3, device="cpu")
+    bodies = [transport.bucket_body(bucket, 9) for _ in range(2)]
+    payloads = [p for body in bodies for p in body["serialized_named_tensors"]]
+    assert all(len(b["serialized_named_tensors"]) == 3 and b["weight_version"] == "9" for b in bodies)
+    # (a CPU share names the same file each time; that each rank's share is its own serialization
+    # is counted in test_cuda_payload_names_the_device_by_uuid)
+    for payload in payloads:
+        assert b"rebuild_storage_filename" in base64.b64decode(payload)
+        restored = received_copies(payload)
+        assert [n for n, _ in restored] == ["a", "b"]
+        for (_, want), (_, got) in zip(bucket, restored):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    # torch's default (fd) strategy would hand the descriptors over the resource sharer: refused
+    default = base64.b64encode(_forking_dump([("a", torch.randn(2))])).decode()
+    with pytest.raises(pickle.UnpicklingError, match="rebuild_storage_fd"):
+        received_copies(default)
+
+
+def _forking_dump(obj) -> bytes:
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's reductions
+
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(obj)
+    return buf.getvalue()
+
+
+class FakeCudaReduction:
+    """Stands in for torch's reduce_tensor of a CUDA tensor (which needs a GPU): records each call and
+    answers what torch answers, rebuild_cuda_tensor with the sender's device index at argument 6."""
+
+    def __init__(self, device_index):
+        self.device_index, self.calls = device_index, 0
+
+    def __call__(self, tensor):
+        from torch.multiprocessing import reductions
+
+        self.calls += 1
+        handle = f"ipc-handle-{self.calls}".encode()
+        return reductions.rebuild_cuda_tensor, (
+            torch.Tensor, tuple(tensor.shape), tensor.stride(), 0, torch.UntypedStorage, tensor.dtype,
+            self.device_index, handle, tensor.numel() * tensor.element_size(), 0, False, b"refcount", 0, b"event", True)
+
+
+def cuda_payload_args(payload: str) -> list[tuple]:
+    """The rebuild_cuda_tensor argument tuples a payload carries, read by a pickle VM that records
+    calls instead of making them (what SGLang's rebuild would receive)."""
+    import base64
+    import io
+
+    calls = []
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+                return lambda *args: calls.append(args) or ("tensor", len(calls) - 1)
+            assert module.startswith("torch"), (module, name)  # the argument types (torch.Tensor, dtypes, ...)
+            return super().find_class(module, name)
+
+    Recorder(io.BytesIO(base64.b64decode(payload))).load()
+    return calls
+
+
+def test_cuda_payload_names_the_device_by_uuid():
+    """SGLang's patched rebuild (patch_torch._device_from_maybe_uuid) finds the GPU by UUID; an index
+    would open the handle on the receiver's device of that index (another GPU when the server sees
+    other devices). The CPU logic here; SGLang's own rebuild is run on the payload in
+    test_sglang_client.py, the real CUDA path in the gpu test below."""
+    uuids = {3: "GPU-5a1e-0003"}
+    reduce = FakeCudaReduction(device_index=3)
+    transport = CudaIpcTransport(ranks_per_server=2, device="cpu", reduce_tensor=reduce, device_uuid=uuids.__getitem__)
+    body = transport.bucket_body([("w", torch.zeros(2, 3)), ("b", torch.zeros(3))], 1)
+    per_rank = [cuda_payload_args(p) for p in body["serialized_named_tensors"]]
+    assert reduce.calls == 4  # 2 tensors x 2 ranks: each rank's payload is its own share
+    for calls in per_rank:
+        assert [c[6] for c in calls] == ["GPU-5a1e-0003"] * 2
+        assert [c[1] for c in calls] == [(2, 3), (3,)]
+    assert {c[7] for calls in per_rank for c in calls} == {b"ipc-handle-1", b"ipc-handle-2", b"ipc-handle-3", b"ipc-handle-4"}
 
 
 def test_nccl_group_layout():
@@ -135,6 +212,180 @@ def test_nccl_group_layout():
     assert [b["rank_offset"] for b in bodies] == [1, 3, 5] and {b["world_size"] for b in bodies} == {7}
     body = t.bucket_body([("x", torch.zeros(2, 3, dtype=torch.bfloat16)), ("y", torch.zeros(4))], "g", 2)
     assert (body["names"], body["dtypes"], body["shapes"]) == (["x", "y"], ["bfloat16", "float32"], [[2, 3], [4]])
+
+
+def _hf_tensors_worker(rank, world_size, config, state, device):
+    from megatron_nft.actor import Actor
+    from megatron_nft.config import AlgoConfig, OptimConfig
+    from megatron_nft.model.qwen2 import shape_from_hf
+
+    actor = Actor(shape_from_hf(config), micro_batch_size=2, optim=OptimConfig(lr=1e-3, warmup_steps=0),
+                  algo=AlgoConfig(name="nft"))
+    actor.load_hf(lambda n: state[n])
+    default = dict(actor.hf_tensors())
+    elsewhere = dict(actor.hf_tensors(device=device))
+    for p in actor.model.parameters():  # the stream is copies: training on does not change them
+        p.data.add_(1.0)
+    return {
+        "actor_device": str(actor.device),
+        "default": {n: (str(t.device), t.cpu()) for n, t in default.items()},
+        "elsewhere": {str(t.device) for t in elsewhere.values()},
+    }
+
+
+def test_hf_tensors_stay_on_the_actors_device():
+    """Copies on the actor's device by default (GPU transports send from there: no host round trip),
+    or on the device asked for; the GPU case is test_hf_tensors_on_gpu."""
+    config, model = random_qwen2(seed=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = run_distributed(_hf_tensors_worker, 1, config, state, "cpu:0", timeout_s=300)[0]
+    assert {d for d, _ in out["default"].values()} == {out["actor_device"]}
+    assert out["elsewhere"] == {"cpu:0"}
+    for name, (_, tensor) in out["default"].items():
+        assert torch.equal(tensor, state[name]), name
+
+
+@pytest.mark.gpu
+def test_hf_tensors_on_gpu():
+    config, model = random_qwen2(seed=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = run_distributed(_hf_tensors_worker, 1, config, state, "cpu", timeout_s=300)[0]
+    assert out["actor_device"].startswith("cuda")
+    assert {d for d, _ in out["default"].values()} == {out["actor_device"]} and out["elsewhere"] == {"cpu"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the transports into stand-in server processes that keep SGLang 0.5.23's rules
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Three local HTTP servers: --tp-size 2; --tp-size 1; --dp-size 2 without deterministic inference."""
+    from megatron_nft.rollout.control import wait_healthy
+    from megatron_nft.rollout.servers import free_ports, launch_servers, local_server_command
+
+    tmp = tmp_path_factory.mktemp("stand_ins")
+    config, _ = random_qwen2(seed=3)
+    config.save_pretrained(tmp / "model")  # config only: random weights until the first sync
+    ports = free_ports(3)
+    urls = {name: f"http://127.0.0.1:{p}" for name, p in zip(("tp2", "tp1", "dp2"), ports)}
+    flags = {"tp2": dict(tp_size=2), "tp1": {}, "dp2": dict(dp_size=2, deterministic=False)}
+    servers = launch_servers([(local_server_command(str(tmp / "model"), port=ports[i], load_format="dummy", threads=1,
+                                                    **flags[name]), urls[name]) for i, name in enumerate(urls)], tmp / "logs")
+    try:
+        wait_healthy(list(urls.values()), timeout_s=300, alive=lambda url: [s.check_alive() for s in servers])
+        yield urls
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _post(url, path, body):
+    import asyncio
+
+    import aiohttp
+
+    from megatron_nft.rollout.control import request_json
+
+    async def go():
+        async with aiohttp.ClientSession() as session:
+            return await request_json(session, "POST", url + path, body, timeout_s=60)
+
+    return asyncio.run(go())
+
+
+def test_stand_in_keeps_sglang_session_and_dp_rules(stand_ins):
+    """Outside a session the tensor and broadcast routes answer 400 / success false (the broadcast
+    is not joined); sessions do not nest; --dp-size 2 fails the three single-replica routes (500)."""
+    from megatron_nft.rollout import protocol
+
+    url = stand_ins["tp1"]
+    tensor_body = CudaIpcTransport(device="cpu").bucket_body([("model.norm.weight", torch.ones(64))], 1)
+    dist_body = NcclBroadcastTransport.bucket_body([("model.norm.weight", torch.ones(64))], "none", 1)
+    status, answer = _post(url, "/update_weights_from_tensor", tensor_body)
+    assert (status, answer["success"]) == (400, False) and "between begin_weight_update() and end_weight_update()" in answer["message"]
+    status, answer = _post(url, "/update_weights_from_distributed", dist_body)
+    assert (status, answer["success"]) == (400, False) and "between begin_weight_update()" in answer["message"]
+    assert _post(url, "/end_weight_update", protocol.end_update_body())[0] == 400
+    assert _post(url, "/begin_weight_update", protocol.begin_update_body()) == (200, {"success": True, "message": "Success"})
+    status, answer = _post(url, "/begin_weight_update", protocol.begin_update_body())
+    assert (status, answer["success"]) == (400, False) and "already open" in answer["message"]
+    assert _post(url, "/end_weight_update", protocol.end_update_body())[0] == 200
+    assert _post(url, "/end_weight_update", protocol.end_update_body())[0] == 400
+    dp2 = stand_ins["dp2"]
+    init_body = NcclBroadcastTransport("127.0.0.1", 9, backend="gloo").init_bodies([dp2])[0]
+    assert _post(dp2, "/begin_weight_update", protocol.begin_update_body())[0] == 200
+    for path, body in [("/update_weights_from_tensor", tensor_body), ("/update_weights_from_distributed", dist_body),
+                       ("/init_weights_update_group", init_body)]:
+        assert _post(dp2, path, body)[0] == 500, path
+    assert _post(dp2, "/end_weight_update", protocol.end_update_body())[0] == 200
+
+
+@pytest.mark.parametrize("kind", ["tensor", "broadcast"])
+def test_transports_into_stand_in_give_the_new_models_logprobs(stand_ins, kind):
+    """CPU shared memory into a --tp-size 2 server (a payload per rank) and a gloo broadcast into a
+    --tp-size 1 server, through sync_weights' session, twice: after each sync the server's
+    log-probs are those of the model just sent."""
+    from helpers import hf_token_logprobs
+    from megatron_nft.rollout import SamplingParams
+    from megatron_nft.rollout.servers import free_ports
+    from megatron_nft.rollout.sglang_client import SGLangEngine
+
+    if kind == "tensor":
+        url, transport = stand_ins["tp2"], CudaIpcTransport(ranks_per_server=2, device="cpu")
+    else:
+        url, transport = stand_ins["tp1"], NcclBroadcastTransport("127.0.0.1", free_ports(1)[0], backend="gloo")
+    engine = SGLangEngine([url], transport=transport, bucket_bytes=BUCKET_BYTES)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    for version, seed in ((4, 11), (5, 12)):
+        _, model = random_qwen2(seed=seed)
+        engine.update_weights(model.named_parameters(), version)
+        assert engine.last_sync.num_buckets >= 4
+        for c in engine.generate(prompts, SamplingParams(max_new_tokens=6, n=2, seed=version)):
+            seq = torch.tensor([prompts[c.prompt_index] + c.token_ids])
+            with torch.no_grad():
+                expected = hf_token_logprobs(model, seq)[0, len(prompts[c.prompt_index]) - 1 : -1]
+            assert c.weight_version == version
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
+    transport.close()
+
+
+def test_transports_refuse_servers_sglang_would_refuse(stand_ins):
+    """--dp-size 2, or a --tp-size other than the ranks fed: refused in one line before the servers
+    are paused; a broadcast the server will not join (no session) fails at once instead of hanging."""
+    import time
+
+    from megatron_nft.errors import ConfigError
+    from megatron_nft.rollout.control import ServerError
+    from megatron_nft.rollout.servers import free_ports
+    from megatron_nft.rollout.weight_sync import sync_weights
+
+    _, model = random_qwen2(seed=5)
+    with pytest.raises(ConfigError, match=r"runs --dp-size 2, .*use rollout.weight_transport=disk"):
+        sync_weights([stand_ins["dp2"]], model.named_parameters(), 1, CudaIpcTransport(device="cpu"))
+    with pytest.raises(ConfigError, match=r"rollout.server_tp_size=1: .* runs --tp-size 2; set rollout.server_tp_size=2"):
+        sync_weights([stand_ins["tp2"]], model.named_parameters(), 1, CudaIpcTransport(device="cpu"))
+    transport = NcclBroadcastTransport("127.0.0.1", free_ports(1)[0], backend="gloo", group_name="no_session")
+    start = time.monotonic()
+    with pytest.raises(ServerError, match="between begin_weight_update"):
+        transport.send([stand_ins["tp1"]], iter_buckets(model.named_parameters(), BUCKET_BYTES), 1, SyncReport(1))
+    assert time.monotonic() - start < 30
+
+
+def test_seeds_need_deterministic_inference(stand_ins):
+    """As in SGLang, a request's sampling_seed is used only by a server started with
+    --enable-deterministic-inference (what the launches pass, so resumes re-draw the same answers)."""
+    from megatron_nft.rollout import SamplingParams
+    from megatron_nft.rollout.sglang_client import SGLangEngine
+
+    params = SamplingParams(max_new_tokens=12, n=4, seed=77)
+    draws = {}
+    for name in ("tp1", "dp2"):
+        engine = SGLangEngine([stand_ins[name]])
+        draws[name] = [[c.token_ids for c in engine.generate([[1, 2, 3]], params)] for _ in range(2)]
+    assert draws["tp1"][0] == draws["tp1"][1]
+    assert draws["dp2"][0] != draws["dp2"][1]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -45,14 +45,20 @@ def make_engine(cfg, *, hf_config, model_path: str | None, run_dir: str | Path, 
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         envs = None
         if cfg.engine == "sglang":
-            commands = [srv.sglang_command(model_path, port=p, tp_size=cfg.server_tp_size,
+            # the trainer's local ranks hold GPUs 0..L-1 of this node; the servers take others
+            groups = srv.gpu_groups(cfg.num_servers, cfg.server_tp_size * cfg.server_dp_size,
+                                    trainer_gpus=trainer_local_gpus(), server_gpus=cfg.server_gpus)
+            commands = [srv.sglang_command(model_path, port=p, tp_size=cfg.server_tp_size, dp_size=cfg.server_dp_size,
                                            mem_fraction_static=cfg.server_mem_fraction, random_seed=seed + i,
-                                           extra_args=cfg.server_args, python=cfg.sglang_python or sys.executable)
+                                           deterministic=cfg.server_deterministic, extra_args=cfg.server_args,
+                                           python=cfg.sglang_python or sys.executable)
                         for i, p in enumerate(ports)]
-            envs = [{"CUDA_VISIBLE_DEVICES": g} for g in srv.gpu_groups(cfg.num_servers, cfg.server_tp_size)]
+            envs = [{"CUDA_VISIBLE_DEVICES": g} for g in groups]
         else:
             commands = [srv.local_server_command(model_path, port=p, load_format="dummy", random_seed=seed + i,
-                                                 extra_args=cfg.server_args) for i, p in enumerate(ports)]
+                                                 tp_size=cfg.server_tp_size, dp_size=cfg.server_dp_size,
+                                                 deterministic=cfg.server_deterministic, extra_args=cfg.server_args)
+                        for i, p in enumerate(ports)]
         launched = srv.launch_servers(list(zip(commands, urls)), run_dir / "rollout_servers", envs)
     engine = SGLangEngine(urls, transport=transport, bucket_bytes=cfg.weight_bucket_mb * 1024**2,
                           max_concurrency=cfg.max_concurrency, request_timeout_s=cfg.request_timeout_s,
@@ -63,6 +69,16 @@ def make_engine(cfg, *, hf_config, model_path: str | None, run_dir: str | Path, 
         engine.close()
         raise
     return engine
+
+
+def trainer_local_gpus() -> int:
+    """GPUs the trainer uses on this node: one per local rank (torchrun's LOCAL_WORLD_SIZE; 1 when
+    run without torchrun on a GPU machine, 0 on a CPU-only one)."""
+    import os
+
+    import torch
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torch.cuda.is_available() else 0
 
 
 def _make_transport(cfg, run_dir: Path):

@@ -34,14 +34,26 @@ async def request_json(session, method: str, url: str, body: dict | None = None,
 def post_all(urls: list[str], path: str, body: dict | None, *, timeout_s: float = 600.0) -> list:
     """POSTs `body` to `path` on every server concurrently; raises ServerError naming the first
     server that refused. Returns the parsed responses in `urls` order."""
-    return asyncio.run(_post_all(urls, path, body, timeout_s))
+    return asyncio.run(_request_all("POST", urls, path, [body] * len(urls), timeout_s))
 
 
-async def _post_all(urls, path, body, timeout_s):
+def post_each(urls: list[str], path: str, bodies: list[dict], *, timeout_s: float = 600.0) -> list:
+    """post_all with one body per server (`bodies[i]` goes to `urls[i]`)."""
+    if len(bodies) != len(urls):
+        raise ValueError(f"post_each: {len(bodies)} bodies for {len(urls)} servers")
+    return asyncio.run(_request_all("POST", urls, path, bodies, timeout_s))
+
+
+def get_all(urls: list[str], path: str, *, timeout_s: float = 60.0) -> list:
+    """GETs `path` from every server concurrently; raises ServerError on a non-2xx answer."""
+    return asyncio.run(_request_all("GET", urls, path, [None] * len(urls), timeout_s))
+
+
+async def _request_all(method, urls, path, bodies, timeout_s):
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
-        results = await asyncio.gather(*(request_json(session, "POST", u + path, body, timeout_s=timeout_s) for u in urls))
+        results = await asyncio.gather(*(request_json(session, method, u + path, b, timeout_s=timeout_s) for u, b in zip(urls, bodies)))
     for url, (status, payload) in zip(urls, results):
         refused = isinstance(payload, dict) and payload.get("success") is False
         if not 200 <= status < 300 or refused:

@@ -161,6 +161,11 @@ def init_group_body(master_address: str, master_port: int, rank_offset: int, wor
     }
 
 
+def destroy_group_body(group_name: str) -> dict:
+    """/destroy_weights_update_group: the server's ranks leave the broadcast group."""
+    return {"group_name": group_name}
+
+
 def update_from_distributed_body(names, dtypes, shapes, group_name: str, version: int) -> dict:
     """/update_weights_from_distributed: receive these tensors by broadcast from group rank 0.
 
@@ -188,6 +193,24 @@ def update_from_tensor_body(serialized: list[str], version: int) -> dict:
         "abort_all_requests": False,
         "weight_version": str(version),
     }
+
+
+def begin_update_body() -> dict:
+    """/begin_weight_update: opens SGLang's weight-update session (all runners: the model and any
+    draft model). /update_weights_from_distributed and /update_weights_from_tensor are refused
+    (`success: false`) outside one; /update_weights_from_disk needs none."""
+    return {"selector": "all"}
+
+
+def end_update_body() -> dict:
+    """/end_weight_update: closes the session /begin_weight_update opened."""
+    return {}
+
+
+# Routes that SGLang 0.5.23 serves only inside a weight-update session and only with dp_size == 1
+# (its scheduler's weight updater and tokenizer manager; /init_weights_update_group: dp_size == 1 only).
+SESSION_ROUTES = ("/update_weights_from_distributed", "/update_weights_from_tensor")
+SINGLE_DP_ROUTES = ("/init_weights_update_group", "/update_weights_from_distributed", "/update_weights_from_tensor")
 
 
 def pause_body() -> dict:

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_nft.errors import ConfigError
 from megatron_nft.runtime import free_port
 
 
@@ -28,30 +29,47 @@ def _flags(**values) -> list[str]:
     return out
 
 
-def sglang_command(model_path: str, *, port: int, host: str = "127.0.0.1", tp_size: int = 1,
+# SGLang uses a request's sampling_seed only with this flag (sampling_batch_info): without it, a
+# resumed run would not re-draw the answers of the run it continues.
+DETERMINISTIC_FLAG = "--enable-deterministic-inference"
+
+
+def sglang_command(model_path: str, *, port: int, host: str = "127.0.0.1", tp_size: int = 1, dp_size: int = 1,
                    mem_fraction_static: float | None = None, dtype: str | None = None, load_format: str | None = None,
-                   random_seed: int | None = None, extra_args: list[str] = (), python: str = sys.executable) -> list[str]:
+                   random_seed: int | None = None, deterministic: bool = True, extra_args: list[str] = (),
+                   python: str = sys.executable) -> list[str]:
     """`python -m sglang.launch_server ...` for one server (flag names of sglang 0.5.23)."""
-    if not isinstance(tp_size, int) or tp_size < 1:
-        raise ValueError(f"tp_size must be an integer >= 1, got {tp_size!r}")
+    for name, value in (("tp_size", tp_size), ("dp_size", dp_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if mem_fraction_static is not None and not 0 < mem_fraction_static < 1:
         raise ValueError(f"mem_fraction_static must be in (0, 1), got {mem_fraction_static!r}")
-    flags = _flags(model_path=model_path, host=host, port=port, tp_size=tp_size, mem_fraction_static=mem_fraction_static,
-                   dtype=dtype, load_format=load_format, random_seed=random_seed)
-    return [python, "-m", "sglang.launch_server", *flags, *map(str, extra_args)]
+    flags = _flags(model_path=model_path, host=host, port=port, tp_size=tp_size, dp_size=dp_size if dp_size > 1 else None,
+                   mem_fraction_static=mem_fraction_static, dtype=dtype, load_format=load_format, random_seed=random_seed)
+    return [python, "-m", "sglang.launch_server", *flags, *([DETERMINISTIC_FLAG] if deterministic else []),
+            *map(str, extra_args)]
 
 
 def local_server_command(model_path: str, *, port: int, host: str = "127.0.0.1", load_format: str | None = None,
-                         random_seed: int | None = None, threads: int | None = None, extra_args: list[str] = (),
+                         random_seed: int | None = None, threads: int | None = None, tp_size: int | None = None,
+                         dp_size: int | None = None, deterministic: bool = True, extra_args: list[str] = (),
                          python: str = sys.executable) -> list[str]:
     """The local HTTP server (megatron_nft.rollout.http_server), with SGLang's flag names."""
     flags = _flags(model_path=model_path, host=host, port=port, load_format=load_format, random_seed=random_seed,
-                   threads=threads)
-    return [python, "-m", "megatron_nft.rollout.http_server", *flags, *map(str, extra_args)]
+                   threads=threads, tp_size=tp_size, dp_size=dp_size)
+    return [python, "-m", "megatron_nft.rollout.http_server", *flags, *([DETERMINISTIC_FLAG] if deterministic else []),
+            *map(str, extra_args)]
 
 
-def gpu_groups(num_servers: int, tp_size: int, visible: str | None = None) -> list[str]:
-    """CUDA_VISIBLE_DEVICES for each server: consecutive groups of `tp_size` devices."""
+def gpu_groups(num_servers: int, tp_size: int, *, trainer_gpus: int, server_gpus: list[int] = (),
+               visible: str | None = None) -> list[str]:
+    """CUDA_VISIBLE_DEVICES for each server: consecutive groups of `tp_size` devices that the
+    trainer does not use.
+
+    Devices are counted as this process sees them (positions in CUDA_VISIBLE_DEVICES when it is
+    set); the trainer's local ranks 0..trainer_gpus-1 use the first `trainer_gpus`. `server_gpus`
+    (rollout.server_gpus) names the servers' devices; empty: the devices after the trainer's.
+    """
     devices = (visible if visible is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "")).split(",")
     devices = [d.strip() for d in devices if d.strip()]
     if not devices:
@@ -59,9 +77,19 @@ def gpu_groups(num_servers: int, tp_size: int, visible: str | None = None) -> li
 
         devices = [str(i) for i in range(torch.cuda.device_count())]
     need = num_servers * tp_size
-    if len(devices) < need:
-        raise ValueError(f"{num_servers} servers x tp_size {tp_size} need {need} GPUs; {len(devices)} visible")
-    return [",".join(devices[i * tp_size : (i + 1) * tp_size]) for i in range(num_servers)]
+    chosen = list(server_gpus) or list(range(trainer_gpus, trainer_gpus + need))
+    shown = f"rollout.server_gpus={list(server_gpus)}" if server_gpus else f"the GPUs after the trainer's {trainer_gpus}"
+    if len(chosen) != need:
+        raise ConfigError(f"{shown}: {num_servers} server(s) x tp_size {tp_size} need {need} GPUs, {len(chosen)} given")
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"{shown}: a GPU is listed twice")
+    for gpu in chosen:
+        if gpu < trainer_gpus:
+            raise ConfigError(f"{shown}: GPU {gpu} is used by trainer local rank {gpu} ({trainer_gpus} trainer "
+                              f"process(es) on this node use GPUs 0..{trainer_gpus - 1}); give the servers other GPUs")
+        if not 0 <= gpu < len(devices):
+            raise ConfigError(f"{shown}: GPU {gpu} does not exist ({len(devices)} visible: 0..{len(devices) - 1})")
+    return [",".join(devices[g] for g in chosen[i * tp_size : (i + 1) * tp_size]) for i in range(num_servers)]
 
 
 @dataclass

@@ -10,13 +10,21 @@ weights, and every /generate answer reports it back (Completion.weight_version).
 
 Transports (SGLang's three ways in):
   DiskTransport           safetensors shards written under a directory both sides see, renamed into
-                          place when complete, then /update_weights_from_disk. Always works (the
-                          local HTTP server takes it too); costs a write and a read of the model.
+                          place when complete, then /update_weights_from_disk. Always works, with any
+                          server --dp-size (the local HTTP server takes it too); costs a write and a
+                          read of the model.
   NcclBroadcastTransport  /init_weights_update_group once, then per bucket
                           /update_weights_from_distributed while rank 0 broadcasts the tensors.
-                          Needs GPUs on both sides and a reachable master port.
+                          Needs GPUs on both sides and a reachable master port (gloo on CPU).
   CudaIpcTransport        /update_weights_from_tensor with CUDA IPC handles of tensors the trainer
-                          keeps alive until the server has copied them: servers on the same node.
+                          keeps alive until the server has copied them: servers on the same node
+                          (CPU shared memory with device="cpu").
+
+SGLang 0.5.23 takes the last two only inside a weight-update session (/begin_weight_update ...
+/end_weight_update; outside one it answers `success: false`, and for the broadcast it then never
+joins, which would leave the sender waiting) and only from servers with --dp-size 1 (it asserts
+dp_size == 1: HTTP 500). sync_weights therefore checks each server's /server_info first (dp_size 1,
+tp_size = the ranks the transport feeds) and opens and closes the session around the buckets.
 
 This module only consumes an iterator, so it needs nothing from the actor.
 """
@@ -25,6 +33,8 @@ from __future__ import annotations
 
 import abc
 import base64
+import contextlib
+import functools
 import io
 import json
 import os
@@ -38,7 +48,7 @@ from typing import Iterable, Iterator
 import torch
 
 from megatron_nft.rollout import protocol
-from megatron_nft.rollout.control import post_all
+from megatron_nft.rollout.control import get_all, post_all, post_each
 
 Bucket = list[tuple[str, torch.Tensor]]
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
@@ -89,6 +99,15 @@ class WeightTransport(abc.ABC):
     """Moves buckets to the servers and has them load the weights."""
 
     name: str
+    # True: SGLang serves this transport's routes only inside a weight-update session and only from
+    # servers with --dp-size 1, fed with one receiving rank per server tensor-parallel rank.
+    needs_session: bool = False
+    ranks_per_server: int = 1
+
+    def check_servers(self, urls: list[str]) -> None:
+        """Refuses, before anything is paused or sent, servers this transport cannot update."""
+        if self.needs_session:
+            check_single_dp(urls, self.name, self.ranks_per_server)
 
     @abc.abstractmethod
     def send(self, urls: list[str], buckets: Iterator[Bucket], version: int, report: SyncReport) -> None:
@@ -113,15 +132,72 @@ def sync_weights(
         raise ValueError(f"sync_weights: version must be an integer, got {version!r}")
     start = time.perf_counter()
     report = SyncReport(version=version)
+    transport.check_servers(urls)
     post_all(urls, "/pause_generation", protocol.pause_body())
     try:
-        transport.send(urls, _measured(iter_buckets(named_tensors, bucket_bytes), report), version, report)
+        buckets = _measured(iter_buckets(named_tensors, bucket_bytes), report)
+        if transport.needs_session:
+            with weight_update_session(urls):
+                transport.send(urls, buckets, version, report)
+        else:
+            transport.send(urls, buckets, version, report)
         # A prefix cache built by the old weights would serve stale KV to new requests.
         post_all(urls, "/flush_cache", None)
     finally:
         post_all(urls, "/continue_generation", protocol.continue_body())
     report.seconds = time.perf_counter() - start
     return report
+
+
+@contextlib.contextmanager
+def weight_update_session(urls: list[str]):
+    """/begin_weight_update on every server, /end_weight_update on every server afterwards.
+
+    The session is closed even when a bucket failed: a server left with an open session refuses
+    the next /begin_weight_update. A failure to close after a failed update is not raised over it.
+    """
+    try:
+        post_all(urls, "/begin_weight_update", protocol.begin_update_body())
+    except BaseException:
+        _end_quietly(urls)  # the servers that did open one
+        raise
+    try:
+        yield
+    except BaseException:
+        _end_quietly(urls)
+        raise
+    post_all(urls, "/end_weight_update", protocol.end_update_body())
+
+
+def _end_quietly(urls: list[str]) -> None:
+    for url in urls:
+        try:
+            post_all([url], "/end_weight_update", protocol.end_update_body(), timeout_s=60.0)
+        except Exception:  # noqa: BLE001 - no session open there, or the server is gone
+            pass
+
+
+def check_single_dp(urls: list[str], transport: str, ranks_per_server: int) -> None:
+    """Each server's /server_info must show dp_size 1 and tp_size `ranks_per_server`.
+
+    SGLang asserts dp_size == 1 in its tensor and distributed weight routes; a tp_size other than
+    the ranks we feed means a broadcast group of the wrong size (a hang) or payloads for ranks
+    that do not exist.
+    """
+    from megatron_nft.errors import ConfigError
+
+    for url, info in zip(urls, get_all(urls, "/server_info")):
+        if not isinstance(info, dict) or not isinstance(info.get("dp_size"), int) or not isinstance(info.get("tp_size"), int):
+            raise protocol.ProtocolError(f"{url}/server_info: expected an object with integer dp_size and tp_size, got {protocol._short(info)}")
+        if info["dp_size"] != 1:
+            raise ConfigError(
+                f"rollout.weight_transport={transport}: {url} runs --dp-size {info['dp_size']}, and SGLang takes "
+                f"tensor and broadcast weight updates only from --dp-size 1 servers; use rollout.weight_transport=disk "
+                f"(any dp size) or servers with --dp-size 1")
+        if info["tp_size"] != ranks_per_server:
+            raise ConfigError(
+                f"rollout.server_tp_size={ranks_per_server}: {url} runs --tp-size {info['tp_size']}; "
+                f"set rollout.server_tp_size={info['tp_size']}")
 
 
 def _measured(buckets: Iterator[Bucket], report: SyncReport) -> Iterator[Bucket]:
@@ -209,13 +285,15 @@ def init_weight_update_group(master_address: str, master_port: int, rank: int, w
     """
     from datetime import timedelta
 
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, rendezvous
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
 
     timeout = timedelta(minutes=10)
     store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name, timeout=timeout)
+    # what new_group records too: destroy_process_group looks the group's ranks up here
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
 
 
@@ -227,6 +305,7 @@ class NcclBroadcastTransport(WeightTransport):
     """
 
     name = "nccl"
+    needs_session = True
 
     def __init__(self, master_address: str, master_port: int, *, ranks_per_server: int = 1,
                  group_name: str = "megatron_nft_weight_sync", backend: str = "nccl", device: str | None = None):
@@ -272,19 +351,47 @@ class NcclBroadcastTransport(WeightTransport):
             body = self.bucket_body(bucket, self.group_name, version)
             # Each server posts the receive side and waits in broadcast; we feed it in order.
             posts = [_post_in_thread(u, "/update_weights_from_distributed", body) for u in urls]
-            for _, tensor in bucket:
-                self._group.broadcast(tensor.detach().to(self.device).contiguous(), 0).wait()
+            works = [self._group.broadcast(tensor.detach().to(self.device).contiguous(), 0) for _, tensor in bucket]
+            try:
+                _wait_broadcast(works, posts)
+            except BaseException:
+                self.close()  # a broadcast left half-fed: the group cannot be trusted again
+                raise
             for post in posts:
                 post.result()
-            del bucket  # before the next bucket is built
+            del bucket, works  # before the next bucket is built
 
     def close(self) -> None:
-        self._group = None
+        """Leaves the group on both sides, so that the group name can be used again."""
+        import torch.distributed as dist
+
+        group, urls, self._group, self._urls = self._group, self._urls, None, None
+        if group is None:
+            return
+        for url in urls:
+            try:
+                post_all([url], "/destroy_weights_update_group", protocol.destroy_group_body(self.group_name), timeout_s=60.0)
+            except Exception:  # noqa: BLE001 - a server that is gone has left the group too
+                pass
+        dist.destroy_process_group(group)
+
+
+def _wait_broadcast(works, posts, poll_s: float = 0.01) -> None:
+    """Waits for the broadcasts, but raises as soon as a server has answered with an error: a
+    server that refuses the bucket (no session, a bad shape) never joins, and the broadcast would
+    otherwise wait for it until the group's timeout."""
+    while not all(w.is_completed() for w in works):
+        for post in posts:
+            if post.done() and post.error is not None:
+                raise post.error
+        time.sleep(poll_s)
+    for w in works:
+        w.wait()
 
 
 class _PostThread:
     def __init__(self, url, path, body):
-        self._error = None
+        self.error = None
         self._thread = threading.Thread(target=self._run, args=(url, path, body), daemon=True)
         self._thread.start()
 
@@ -292,12 +399,15 @@ class _PostThread:
         try:
             post_all([url], path, body)
         except BaseException as e:  # noqa: BLE001 - re-raised in result()
-            self._error = e
+            self.error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
 
     def result(self):
         self._thread.join()
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
 
 
 def _post_in_thread(url: str, path: str, body: dict) -> _PostThread:
@@ -309,41 +419,91 @@ def _post_in_thread(url: str, path: str, body: dict) -> _PostThread:
 # ----------------------------------------------------------------------------------------------------
 
 
-def serialize_named_tensors(bucket: Bucket) -> str:
-    """SGLang's MultiprocessingSerializer format: a ForkingPickler dump of [(name, tensor)], base64.
+def serialize_named_tensors(bucket: Bucket, *, reduce_tensor=None, device_uuid=None) -> str:
+    """One receiving rank's payload in SGLang's MultiprocessingSerializer format: a ForkingPickler
+    dump of [(name, tensor)], base64.
 
-    For CUDA tensors ForkingPickler writes CUDA IPC handles (torch.multiprocessing.reductions), so
-    the receiving process maps the trainer's memory instead of copying bytes through HTTP.
+    CUDA tensors travel as CUDA IPC handles (torch's reduce_tensor), with the device named by its
+    UUID where torch writes the sender's device index: SGLang rebuilds them through its patched
+    rebuild_cuda_tensor (sglang.srt.utils.patch_torch), which maps a UUID to the receiver's own
+    index of that GPU, and takes an index as its own. CPU tensors travel as named shared-memory
+    files (torch's file_system strategy): the default fd strategy hands descriptors over
+    multiprocessing's resource sharer, which only the sender's own children can reach.
+
+    Every serialization takes its own share of the memory (one reference for the receiver to
+    release), so every receiving rank needs its own payload. `reduce_tensor` and `device_uuid`
+    replace torch's reducer and CUDA's UUID lookup (tests).
     """
     from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing  # noqa: F401 - registers the tensor reductions with ForkingPickler
+    from torch.multiprocessing import reductions
+
+    reduce = reduce_tensor or reductions.reduce_tensor
+    uuid_of = device_uuid or _cuda_device_uuid
+
+    def reduce_with_uuid(tensor):
+        rebuild, args = reduce(tensor)
+        if rebuild is reductions.rebuild_cuda_tensor:
+            args = (*args[:_CUDA_DEVICE_ARG], uuid_of(args[_CUDA_DEVICE_ARG]), *args[_CUDA_DEVICE_ARG + 1 :])
+        return rebuild, args
 
     buffer = io.BytesIO()
-    ForkingPickler(buffer).dump([(name, t.detach()) for name, t in bucket])
+    pickler = ForkingPickler(buffer)
+    # This pickler's own table (ForkingPickler copies copyreg's per instance): nothing global changes.
+    pickler.dispatch_table = dict(pickler.dispatch_table)
+    for cls in (torch.Tensor, torch.nn.Parameter, *torch._tensor_classes):
+        pickler.dispatch_table[cls] = reduce_with_uuid
+    pickler.dispatch_table[torch.UntypedStorage] = _reduce_storage_by_name
+    pickler.dump([(name, t.detach()) for name, t in bucket])
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# Position of the device in torch.multiprocessing.reductions.rebuild_cuda_tensor's arguments: the
+# index SGLang's patch_torch rewrites (_REDUCE_TENSOR_ARG_DEVICE_INDEX there).
+_CUDA_DEVICE_ARG = 6
+
+
+def _cuda_device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def _reduce_storage_by_name(storage):
+    """torch's file_system sharing for one CPU storage, whatever the process-wide strategy is."""
+    from torch.multiprocessing import reductions
+
+    if storage.device.type != "cpu":
+        return reductions.reduce_storage(storage)
+    if storage.size() == 0:
+        return reductions.rebuild_storage_empty, (type(storage),)
+    manager, handle, size = storage._share_filename_cpu_()
+    storage._shared_incref()  # the receiver's rebuild releases it (rebuild_storage_filename)
+    return reductions.rebuild_storage_filename, (type(storage), manager, handle, size)
 
 
 class CudaIpcTransport(WeightTransport):
     """/update_weights_from_tensor with CUDA IPC handles: servers on the trainer's node.
 
-    Each bucket is copied to `device` and kept alive until every server has answered (the handles
-    point at that memory). `ranks_per_server` copies of the payload go in each request, one per
-    server tensor-parallel rank (each rank maps the full tensors and keeps its shard).
+    Each bucket is copied to `device` (a no-op for tensors already there) and kept alive until every
+    server has answered (the handles point at that memory). Each server gets `ranks_per_server`
+    payloads, one per tensor-parallel rank, each serialized on its own (SGLang's rank r
+    deserializes entry r only). `device="cpu"` sends CPU shared memory the same way.
     """
 
     name = "cuda_ipc"
+    needs_session = True
 
-    def __init__(self, *, ranks_per_server: int = 1, device: str = "cuda"):
+    def __init__(self, *, ranks_per_server: int = 1, device: str = "cuda", reduce_tensor=None, device_uuid=None):
         self.ranks_per_server, self.device = int(ranks_per_server), torch.device(device)
+        self._serialize = functools.partial(serialize_named_tensors, reduce_tensor=reduce_tensor, device_uuid=device_uuid)
 
     def bucket_body(self, bucket: Bucket, version: int) -> dict:
-        payload = serialize_named_tensors(bucket)
-        return protocol.update_from_tensor_body([payload] * self.ranks_per_server, version)
+        """One server's body: a payload per tensor-parallel rank."""
+        return protocol.update_from_tensor_body([self._serialize(bucket) for _ in range(self.ranks_per_server)], version)
 
     def send(self, urls, buckets, version, report):
         for bucket in buckets:
-            staged = [(n, t.detach().to(self.device).contiguous()) for n, t in bucket]
+            # CPU: a copy of our own, because sharing moves a storage into shared memory in place
+            staged = [(n, t.detach().to(self.device, copy=self.device.type == "cpu").contiguous()) for n, t in bucket]
             del bucket
-            post_all(urls, "/update_weights_from_tensor", self.bucket_body(staged, version))
+            post_each(urls, "/update_weights_from_tensor", [self.bucket_body(staged, version) for _ in urls])
             del staged
