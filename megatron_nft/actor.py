@@ -244,12 +244,17 @@ class Actor:
         return list(zip(hf_names, mapping.hf_from_shards(self.shape, rule, shards)))
 
     @torch.no_grad()
-    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def hf_tensors(self, device: str | torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (HF name, full tensor) for the whole model on global rank 0 (nothing elsewhere).
 
         Every rank must iterate it to the end (it runs collectives). One parameter at a time is
         all-gathered over tensor parallelism and, with pipeline parallelism, sent from its stage to
-        rank 0, so no rank holds more than one gathered parameter beyond its own shard."""
+        rank 0, so no rank holds more than one gathered parameter beyond its own shard.
+
+        Tensors are copies on `device`, by default the actor's own: the GPU transports (NCCL
+        broadcast, CUDA IPC) send from GPU memory, and a host round trip per tensor would only
+        slow every sync; the disk transport moves each bucket to the host itself."""
+        target = torch.device(device) if device is not None else torch.device(self.device)
         from megatron.core import parallel_state as ps
 
         exported = self._exported_params()
@@ -259,7 +264,7 @@ class Actor:
                 pairs = self._gathered(*item)
                 if is_rank0:
                     # copy: with TP=1 the "gathered" tensor is the live parameter, which training changes
-                    yield from ((n, t.to("cpu", copy=True)) for n, t in pairs)
+                    yield from ((n, t.to(target, copy=True)) for n, t in pairs)
             return
         # Pipeline stages: the data-parallel rank 0 of each stage gathers over TP; its TP rank 0 (the
         # "holder") broadcasts each tensor over the pipeline group, whose rank 0 is global rank 0.
@@ -285,7 +290,7 @@ class Actor:
                     t = pairs[j][1].contiguous() if mine else torch.empty(shape, dtype=dtype, device=self.device)
                     dist.broadcast(t, src=src, group=pp_group)
                     if is_rank0:
-                        yield n, t.to("cpu", copy=True)
+                        yield n, t.to(target, copy=True)
 
     # ------------------------------------------------------------------------------------------------
     # forward / backward

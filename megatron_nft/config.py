@@ -146,6 +146,9 @@ class RolloutConfig:
     urls: list[str] = field(default_factory=list)
     num_servers: int = 1
     server_tp_size: int = 1  # sglang --tp-size (GPUs per server)
+    server_dp_size: int = 1  # sglang --dp-size (replicas per server); nccl / cuda_ipc transports need 1
+    server_gpus: list[int] = field(default_factory=list)  # launched sglang servers' GPUs; []: those after the trainer's
+    server_deterministic: bool = True  # --enable-deterministic-inference: SGLang honours sampling seeds only with it
     server_mem_fraction: float = 0.8  # sglang --mem-fraction-static
     server_base_port: int = 0  # 0: free ports
     server_args: list[str] = field(default_factory=list)  # extra launch flags, passed through
@@ -356,6 +359,10 @@ def validate(cfg: TrainConfig) -> None:
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     _require(r.num_servers >= 1, f"rollout.num_servers={r.num_servers}: must be >= 1")
     _require(r.server_tp_size >= 1, f"rollout.server_tp_size={r.server_tp_size}: must be >= 1")
+    _require(r.server_dp_size >= 1, f"rollout.server_dp_size={r.server_dp_size}: must be >= 1")
+    _require(r.server_dp_size == 1 or r.weight_transport == "disk",
+             f"rollout.weight_transport={r.weight_transport}: SGLang takes tensor and broadcast weight updates only from "
+             f"--dp-size 1 servers, and rollout.server_dp_size={r.server_dp_size}; use rollout.weight_transport=disk")
     _require(0 < r.server_mem_fraction < 1, f"rollout.server_mem_fraction={r.server_mem_fraction}: must be in (0, 1)")
     _require(r.max_concurrency >= 1, f"rollout.max_concurrency={r.max_concurrency}: must be >= 1")
     _require(r.request_timeout_s > 0, f"rollout.request_timeout_s={r.request_timeout_s}: must be > 0")
