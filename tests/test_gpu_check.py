@@ -71,8 +71,8 @@ def test_make_gpu_bundle_then_dry_run(bundle):
     assert gpu_bundle.folder_bytes(bundle) + gpu_bundle.tree_bytes() < 64 * 2**20
 
 
-def test_the_plan_fits_twelve_minutes():
-    assert sum(s.budget_s for s in gpu_check.STEPS) <= 12 * 60
+def test_the_plan_fits_one_ten_minute_call():
+    assert sum(s.budget_s for s in gpu_check.STEPS) <= 600 - 20  # the issue asks under 12 minutes
     assert [s.name for s in gpu_check.STEPS][0] == "install"
 
 
@@ -226,6 +226,17 @@ def test_pytest_steps_count_from_junit(tmp_path):
     assert ctx.record["counts"] == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1, "passed": 1}
     [failure] = ctx.record["failures"]
     assert "test_bad (failure)" in failure and "one is not two" in failure
+
+
+def test_a_pytest_step_cut_short_keeps_the_finished_tests(tmp_path):
+    tests = tmp_path / "test_slow.py"
+    tests.write_text("import time\ndef test_quick():\n    pass\ndef test_hangs():\n    time.sleep(120)\n")
+    args = gpu_check.parse_args([str(tmp_path / "out"), "--device", "cpu"])
+    ctx = gpu_check.Context(args=args, out=tmp_path, work=tmp_path, env=dict(os.environ), deadline=time.monotonic() + 20)
+    with pytest.raises(gpu_check.StepTimeout):
+        gpu_check.run_pytest(ctx, "slow", [str(tests), "--rootdir", str(tmp_path)], per_test_s=300)
+    assert ctx.record["counts"] == {"tests": 1, "failures": 0, "errors": 0, "skipped": 0, "passed": 1}
+    assert ctx.record["summary"].startswith("cut short after 1 tests")
 
 
 def test_unknown_step_and_missing_outdir_are_refused():
