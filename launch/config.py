@@ -54,6 +54,7 @@ class JobConfig:
     rollout_tp: int = 1  # SGLang --tp-size; --dp-size fills the node
     rollout_port: int = 30000
     rollout_mem_fraction: float = 0.85  # SGLang --mem-fraction-static
+    rollout_deterministic: bool = True  # SGLang --enable-deterministic-inference (sampling seeds honoured)
     rendezvous_port: int = 29500
     server_timeout_s: int = 3600  # how long trainers wait for the SGLang servers to answer
     time: str = "04:00:00"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shlex
 
 from launch.config import LaunchConfig
+from megatron_nft.rollout.servers import DETERMINISTIC_FLAG
 
 # The image keeps SGLang in its own virtual environment: it pins its own torch, which must not
 # replace the NGC build that Transformer Engine and apex are compiled against (Dockerfile).
@@ -33,8 +34,17 @@ def trainer_arguments(cfg: LaunchConfig) -> list[str]:
     if job.executor == "slurm":
         args.append(f"run.dir={cfg.run_dir}")
         if job.rollout_nodes:
-            args.append("rollout.engine=sglang")
+            # what the trainer must know of the servers it feeds: ranks per server (the broadcast
+            # group's size, the tensor payloads per server) and replicas (tensor and broadcast
+            # weight updates need --dp-size 1; config validation refuses them otherwise)
+            args += ["rollout.engine=sglang", f"rollout.server_tp_size={job.rollout_tp}",
+                     f"rollout.server_dp_size={rollout_dp(cfg)}"]
     return args + list(job.train_overrides)
+
+
+def rollout_dp(cfg: LaunchConfig) -> int:
+    """SGLang --dp-size of each rollout server: data-parallel replicas filling its node."""
+    return cfg.job.gpus_per_node // cfg.job.rollout_tp
 
 
 def local_trainer(cfg: LaunchConfig):
@@ -95,7 +105,9 @@ def sglang_server(cfg: LaunchConfig):
         "--host", "0.0.0.0",
         "--port", str(job.rollout_port),
         "--tp-size", str(job.rollout_tp),
-        "--dp-size", str(job.gpus_per_node // job.rollout_tp),
+        "--dp-size", str(rollout_dp(cfg)),
         "--mem-fraction-static", str(job.rollout_mem_fraction),
+        # SGLang uses the trainer's per-request sampling seeds only in this mode: resumes re-draw
+        *([DETERMINISTIC_FLAG] if job.rollout_deterministic else []),
     ]
     return run.Script(path="sglang.launch_server", m=True, entrypoint=SGLANG_PYTHON, args=args)

@@ -120,6 +120,7 @@ def test_paper_recipe_dry_run_is_a_heterogeneous_sbatch(name, cluster):
     for s in sruns[1:]:
         assert (f"{SGLANG_PYTHON} -m sglang.launch_server --model-path /models/{hf} --host 0.0.0.0 --port 30000 "
                 f"--tp-size {rollout_tp} --dp-size {8 // rollout_tp}") in s
+        assert s.split(" & ")[0].split("--mem-fraction-static ")[1].split()[1] == "--enable-deterministic-inference"
     assert "export HF_HUB_OFFLINE=1" in script
 
     # the exports, evaluated with stand-in hostnames for the het-group macros
@@ -133,7 +134,8 @@ def test_paper_recipe_dry_run_is_a_heterogeneous_sbatch(name, cluster):
     assert f"torchrun --nnodes={trainers} --nproc-per-node=8" in trainer
     assert f"--recipe recipes/paper/{model}-{algo}.yaml" in trainer
     for arg in (f"model.hf_path=/models/{hf}", f"run.dir=/runs/{cfg.job.name}", "rollout.engine=sglang",
-                '"rollout.urls=[$NFT_ROLLOUT_URLS]"', "python -m launch.wait_for_servers"):
+                '"rollout.urls=[$NFT_ROLLOUT_URLS]"', "python -m launch.wait_for_servers",
+                f"rollout.server_tp_size={rollout_tp}", f"rollout.server_dp_size={8 // rollout_tp}"):
         assert arg in trainer, arg
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # the sbatch script parses
 
@@ -211,6 +213,9 @@ def test_launch_validates_the_trainer_config_before_generating_anything(cluster,
         (["local/train", "--dryrun"], "job.train_recipe is not set"),
         (["local/demo", "job.rollout_nodes=2", "--dryrun"], "job.rollout_nodes > 0 needs job.executor=slurm"),
         (["local/demo", "job.trainer_nodes=two", "--dryrun"], "job.trainer_nodes"),
+        # SGLang takes broadcast weight updates only from --dp-size 1 servers; the paper servers run dp 4
+        (["paper/qwen2.5-32b-nft", "--cluster", cluster, "rollout.weight_transport=nccl", "--dryrun"],
+         "rollout.weight_transport=nccl: SGLang takes tensor and broadcast weight updates only from --dp-size 1"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
