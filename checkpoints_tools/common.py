@@ -408,7 +408,6 @@ def launch(fn, tp: int, pp: int, *args, timeout_s: float = 24 * 3600.0):
 
 
 def barrier() -> None:
-    import torch.distributed as dist
+    from megatron_nft import runtime
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    runtime.barrier()

@@ -103,7 +103,7 @@ class Actor:
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.micro_batch_size = micro_batch_size
         self.dtype = DTYPES[dtype]
-        self.device = torch.device("cuda", torch.cuda.current_device()) if runtime.CUDA else torch.device("cpu")
+        self.device = runtime.device()
         # "auto" settles here, for this machine; a setting it cannot run is a ConfigError
         self.options = options.resolved(
             cuda=runtime.CUDA, te=te_available(), dtype=self.dtype, num_layers=shape.num_layers, pp=pp

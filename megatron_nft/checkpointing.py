@@ -19,15 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_nft.runtime import is_main_rank
+from megatron_nft.runtime import any_rank, barrier, broadcast_object, is_main_rank
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rank() -> int:
@@ -50,10 +45,10 @@ def save(run_dir: Path, actor, step: int, trainer_state: dict) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "actor").mkdir(parents=True)
-    _barrier()
+    barrier()
     actor.save_checkpoint(tmp / "actor")
     torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, tmp / f"rng_rank{_rank()}.pt")
-    _barrier()
+    barrier()
     if is_main_rank():
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state))
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -61,7 +56,7 @@ def save(run_dir: Path, actor, step: int, trainer_state: dict) -> Path:
         if final.exists():
             shutil.rmtree(final)
         tmp.replace(final)
-    _barrier()
+    barrier()
     return final
 
 
@@ -90,11 +85,7 @@ def load_latest(run_dir: Path, actor) -> tuple[Path, dict] | None:
     the checkpoint (rank 0 checks the manifests; a load that fails on any rank moves all to the previous)."""
     candidates = checkpoint_dirs(run_dir)
     for checkpoint in reversed(candidates):
-        reason = problem(checkpoint) if is_main_rank() else None
-        if dist.is_initialized():
-            box = [reason]
-            dist.broadcast_object_list(box, src=0)
-            reason = box[0]
+        reason = broadcast_object(problem(checkpoint) if is_main_rank() else None)
         if reason is None:
             try:
                 actor.load_checkpoint(checkpoint / "actor")
@@ -102,10 +93,7 @@ def load_latest(run_dir: Path, actor) -> tuple[Path, dict] | None:
                 rng = torch.load(checkpoint / f"rng_rank{_rank()}.pt", weights_only=False)
             except Exception as e:  # a corrupt shard, a truncated JSON: fall back, saying why
                 reason = f"cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-        failed = torch.tensor([0.0 if reason is None else 1.0])
-        if dist.is_initialized():
-            dist.all_reduce(failed)
-        if failed.item() == 0:
+        if not any_rank(reason is not None):
             random.setstate(_as_tuple(rng["python"]))
             torch.set_rng_state(rng["torch"])
             return checkpoint, state

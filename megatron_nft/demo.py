@@ -111,7 +111,6 @@ def run_demo(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     base = run_dir / "base"
     if not (base / "config.json").is_file():
         build_base_model(cfg, base, quiet=quiet)
-    if runtime.dist.is_initialized():
-        runtime.dist.barrier()
+    runtime.barrier()
     nft_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_path=str(base)))
     return train(nft_cfg, quiet=quiet)

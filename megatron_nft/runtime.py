@@ -25,6 +25,12 @@ from torch.overrides import TorchFunctionMode
 
 CUDA = torch.cuda.is_available()
 
+# How long host-side agreement (the control group below) waits for the slowest rank. Rank 0 generates
+# and grades while the other ranks wait: for the paper's 32B launch one generation round alone is
+# planned at tens of minutes, beyond the 30-minute watchdog of a device collective. A hung job is ended
+# by the scheduler's time limit long before this.
+CONTROL_TIMEOUT = datetime.timedelta(hours=24)
+
 
 # --------------------------------------------------------------------------------------------------
 # CPU compatibility layer
@@ -41,7 +47,8 @@ def _names_cuda(device) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA placements to CPU inside megatron-core, which hard-codes them.
+    """Rewrites CUDA placements to CPU inside megatron-core, which hard-codes them. (Under the strict
+    test mode, to the CPU device that stands in for the accelerator: see `device()`.)
 
     Call sites in megatron-core 0.19.2 that need it:
       - optimizer/optimizer.py MixedPrecisionOptimizer.__init__:
@@ -60,14 +67,14 @@ class _CudaToCpuMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if "device" in kwargs and _names_cuda(kwargs["device"]):
-            kwargs = {**kwargs, "device": "cpu"}
+            kwargs = {**kwargs, "device": device()}
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if func is torch.Tensor.cuda:
-            return args[0]
+            return args[0].to(device()) if _accelerator_standin is not None else args[0]
         if func is torch.Tensor.to and args and len(args) > 1 and _names_cuda(args[1]):
-            args = (args[0], "cpu", *args[2:])
+            args = (args[0], device(), *args[2:])
         return func(*args, **kwargs)
 
 
@@ -93,7 +100,7 @@ class _NullStream:
 _CUDA_FUNCTION_REDIRECTS = {
     # model construction (tensor_parallel/layers.py, embeddings, param buffers):
     # `device=torch.cuda.current_device()` everywhere a parameter or buffer is allocated.
-    "current_device": lambda: "cpu",
+    "current_device": lambda: "cpu" if _accelerator_standin is None else _accelerator_standin,
     # distributed/param_and_grad_buffer.py and the schedules synchronise before timing/collectives.
     "synchronize": lambda *a, **k: None,
     # pipeline_parallel/p2p_communication.py and distributed/distributed_data_parallel.py
@@ -200,6 +207,44 @@ def _cpu_rng_tracker_class():
 
 
 # --------------------------------------------------------------------------------------------------
+# Devices: where the model's tensors live, and where each collective wants its tensors
+# --------------------------------------------------------------------------------------------------
+
+# Set only by the strict test mode (megatron_nft.testing.strict_devices): on CPU the accelerator is
+# then `cpu:0`, a device name that places tensors on the CPU like "cpu" but that a placement check can
+# tell apart from a tensor made on the host, so that "would this tensor be on the GPU?" has an answer
+# on a machine without one.
+_accelerator_standin: torch.device | None = None
+
+
+def device() -> torch.device:
+    """The accelerator: the current CUDA device, or the CPU (see `_accelerator_standin`)."""
+    if CUDA:
+        return torch.device("cuda", torch.cuda.current_device())
+    return _accelerator_standin if _accelerator_standin is not None else torch.device("cpu")
+
+
+def set_accelerator_standin(standin: torch.device | None) -> None:
+    """For the strict test mode only; a no-op with CUDA, where the accelerator is real."""
+    global _accelerator_standin
+    _accelerator_standin = None if CUDA else standin
+
+
+# Groups created with the gloo backend on purpose (host-side agreement): their collectives take CPU
+# tensors on every machine. Every other group is NCCL on GPUs and takes tensors on `device()`.
+_host_groups: list = []
+
+
+def comm_device(group=None) -> torch.device:
+    """The device whose tensors `group`'s backend accepts: NCCL takes CUDA tensors only, gloo CPU ones."""
+    return torch.device("cpu") if any(group is g for g in _host_groups) else device()
+
+
+def is_host_group(group) -> bool:
+    return any(group is g for g in _host_groups)
+
+
+# --------------------------------------------------------------------------------------------------
 # Process groups and parallel state
 # --------------------------------------------------------------------------------------------------
 
@@ -219,18 +264,20 @@ class ParallelLayout:
         return world_size // model_parallel
 
 
-def init_process_group(timeout_minutes: int = 30) -> None:
-    """Joins (or creates) the default process group: NCCL with CUDA, gloo without.
+def init_process_group(timeout: datetime.timedelta = datetime.timedelta(minutes=30),
+                       control_timeout: datetime.timedelta = CONTROL_TIMEOUT) -> None:
+    """Joins (or creates) the default process group: NCCL with CUDA, gloo without; and the control group.
 
     Reads torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; a plain `python` process becomes a
-    world of one with an in-memory store (no port: runs started side by side cannot collide)."""
+    world of one with an in-memory store (no port: runs started side by side cannot collide).
+    `timeout` is the default group's (the NCCL watchdog's on GPUs); `control_timeout` the control group's."""
     if dist.is_initialized():
         return
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
         dist.init_process_group(
-            backend="nccl" if CUDA else "gloo", store=dist.HashStore(), rank=0, world_size=1,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            backend="nccl" if CUDA else "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
         )
+        _init_control_group(control_timeout)
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
@@ -239,12 +286,50 @@ def init_process_group(timeout_minutes: int = 30) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if CUDA:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(
-        backend="nccl" if CUDA else "gloo",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    dist.init_process_group(backend="nccl" if CUDA else "gloo", rank=rank, world_size=world_size, timeout=timeout)
+    _init_control_group(control_timeout)
+
+
+def _init_control_group(timeout: datetime.timedelta) -> None:
+    """A gloo group over every rank for host-side agreement: objects (the rollout, an accuracy), flags
+    (stop, a failed load) and barriers around rank-0 file work. Ranks wait here while rank 0 generates,
+    grades, evaluates or deletes files; on GPUs a wait that long in an NCCL collective would be killed
+    by its watchdog, and NCCL would refuse the CPU tensors these flags are."""
+    _host_groups.clear()
+    _host_groups.append(dist.new_group(backend="gloo", timeout=timeout))
+
+
+def control_group():
+    """The gloo group of `_init_control_group` (init_process_group creates it)."""
+    if not _host_groups:
+        if not dist.is_initialized():
+            raise RuntimeError("runtime.init_process_group() has not run: no control group")
+        _init_control_group(CONTROL_TIMEOUT)  # a default group made elsewhere: every rank is here too
+    return _host_groups[0]
+
+
+def barrier() -> None:
+    """All ranks meet, on the control group (host work such as deleting a run directory may take long)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=control_group())
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from global rank `src` to every rank, pickled over the control group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=control_group())
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on some rank (one all-reduce on the control group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    tensor = torch.tensor([1.0 if flag else 0.0], device=comm_device(control_group()))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=control_group())
+    return bool(tensor.item())
 
 
 def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
@@ -290,7 +375,7 @@ def _destroy_model_parallel(parallel_state) -> None:
     actor._release breaks the cycle that kept every previous actor's DDP (and its groups) alive."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    keep = set(_groups_before_layout) or {dist.group.WORLD}
+    keep = set(_groups_before_layout) | {dist.group.WORLD, *_host_groups}
     for group in _registered_groups():
         if group not in keep:
             dist.destroy_process_group(group)
@@ -301,6 +386,7 @@ def destroy() -> None:
     parallel_state = sys.modules.get("megatron.core.parallel_state")  # only if the run got that far
     if parallel_state is not None:
         _destroy_model_parallel(parallel_state)
+    _host_groups.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 

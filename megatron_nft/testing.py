@@ -4,10 +4,15 @@ Each rank is a fresh spawned Python process (imports cost seconds: give one spaw
 than spawning per check). `fn(rank, world_size, *args)` must be importable by module path; its return
 value (picklable) comes back in rank order; an exception on any rank is re-raised here with the rank's
 traceback.
+
+Every rank runs under the strict device mode (megatron_nft.strict_devices) unless `strict=False`: a
+collective of this project's code that gets a host tensor where NCCL would need a CUDA one fails here
+as it would on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -19,7 +24,7 @@ import torch.multiprocessing as mp
 from megatron_nft.runtime import free_port
 
 
-def _entry(rank, world_size, port, fn, args, results):
+def _entry(rank, world_size, port, fn, args, results, strict=True):
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -35,8 +40,12 @@ def _entry(rank, world_size, port, fn, args, results):
     try:
         # Serialised by value: torch's queue pickler would pass tensors as shared-memory handles that
         # die with this process.
+        from megatron_nft.strict_devices import strict_devices
+
         buffer = io.BytesIO()
-        torch.save(fn(rank, world_size, *args), buffer)
+        with strict_devices() if strict else contextlib.nullcontext():
+            result = fn(rank, world_size, *args)
+        torch.save(result, buffer)
         results.put((rank, True, buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - report anything, including SystemExit, to the parent
         results.put((rank, False, traceback.format_exc()))
@@ -46,12 +55,12 @@ def _entry(rank, world_size, port, fn, args, results):
         runtime.destroy()
 
 
-def run_distributed(fn, world_size: int, *args, timeout_s: float = 900.0) -> list:
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 900.0, strict: bool = True) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(rank, world_size, port, fn, args, results), daemon=False)
+        ctx.Process(target=_entry, args=(rank, world_size, port, fn, args, results, strict), daemon=False)
         for rank in range(world_size)
     ]
     for p in procs:

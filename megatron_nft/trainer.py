@@ -4,7 +4,8 @@
     -> old log-probs from the actor -> num_minibatches optimizer steps -> weight sync -> metrics
 
 Rank 0 owns the rollout engine and the grading pool; every rank runs the actor. The batch is built on
-rank 0 and broadcast, so all ranks feed Megatron the same global batch.
+rank 0 and broadcast over the control group (gloo, no device watchdog: the other ranks wait there for
+as long as the rollout takes), so all ranks feed Megatron the same global batch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megatron_nft import checkpointing
 from megatron_nft.actor import DTYPES, Actor
@@ -27,7 +27,7 @@ from megatron_nft.algorithms import dynamic_sampling_keep, group_correct_rate, g
 from megatron_nft.config import TrainConfig, model_options
 from megatron_nft.data.batching import pack_rows, select_rows
 from megatron_nft.reward import apply_truncation, shape_overlong
-from megatron_nft.runtime import is_main_rank
+from megatron_nft.runtime import any_rank, barrier, broadcast_object, is_main_rank
 from megatron_nft.rollout import Completion, RolloutEngine, SamplingParams
 
 
@@ -45,14 +45,6 @@ class StepRollout:
     completions: list[Completion] = field(default_factory=list)  # K per prompt, grouped
     rewards: list[float] = field(default_factory=list)  # correctness r in {0, 1}; truncated = 0
     metrics: dict = field(default_factory=dict)
-
-
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 class Scorer:
@@ -260,8 +252,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         raise CheckpointError(f"run.resume=true but {run_dir} holds no run to resume")
     if exists and cfg.run.overwrite and is_main_rank():
         shutil.rmtree(run_dir)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -313,10 +304,7 @@ class StopRequested:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested)
 
     def uninstall(self) -> None:
         if self._previous is not None:

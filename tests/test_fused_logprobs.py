@@ -218,7 +218,8 @@ def _tp_worker(rank, world_size, cases):
     group = dist.new_group(list(range(world_size)))
     results = []
     for chunk, temperature, with_entropy, entropy_grad, vocab_size, dtype in cases:
-        h, w, labels, grad_lp, grad_ent = make_inputs(dtype=dtype, label_vocab=vocab_size)
+        # on the device the GPU run would use (the strict device mode checks the all-reduces' tensors)
+        h, w, labels, grad_lp, grad_ent = (t.to(runtime.device()) for t in make_inputs(dtype=dtype, label_vocab=vocab_size))
         per_rank = w.shape[0] // world_size
         local_w = w[rank * per_rank : (rank + 1) * per_rank]
         results.append(
