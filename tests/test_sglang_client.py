@@ -144,12 +144,20 @@ def schema_report(checker, engine, tmp_path):
     responses = {p.stem: json.loads(p.read_text()) for p in sorted(FIXTURES.glob("*.json"))}
     responses.update(live_single=live_single, live_batch=live_batch)
     out = tmp_path / "received.pt"
+    from test_weight_sync import FakeCudaReduction
+
+    fake_cuda = CudaIpcTransport(ranks_per_server=2, device="cpu", reduce_tensor=FakeCudaReduction(device_index=3),
+                                 device_uuid={3: "GPU-5a1e-0003"}.__getitem__)
     job = {
         "requests": [{"cls": c, "body": b} for c, b in requests.values()],
         "responses": list(responses.values()),
         "server_argv": sglang_command("/models/q7b", port=31000, tp_size=2, mem_fraction_static=0.7, random_seed=3)[3:],
         "group": {"master_address": "127.0.0.1", "master_port": nccl.master_port, "rank": 1, "world_size": 2,
                   "group_name": "wsync", "backend": "gloo", "body": dist_body, "out": str(out)},
+        "weight_update_rules": True,
+        # the trainer's GPU 3 is the server's GPU 1 (another CUDA_VISIBLE_DEVICES)
+        "cuda_payloads": {"visible_uuids": ["GPU-0ther-0000", "GPU-5a1e-0003"],
+                          "payloads": fake_cuda.bucket_body(bucket, 7)["serialized_named_tensors"]},
     }
     checker.stdin.write(json.dumps(job))
     checker.stdin.close()
@@ -190,9 +198,40 @@ def test_request_bodies_are_sglang_requests(schema_report):
 
 def test_sglang_server_flags(schema_report):
     assert schema_report["server_args"] == {
-        "model_path": "/models/q7b", "host": "127.0.0.1", "port": 31000, "tp_size": 2, "mem_fraction_static": 0.7,
-        "random_seed": 3, "dtype": "auto", "load_format": "auto",
+        "model_path": "/models/q7b", "host": "127.0.0.1", "port": 31000, "tp_size": 2, "dp_size": 1,
+        "mem_fraction_static": 0.7, "random_seed": 3, "dtype": "auto", "load_format": "auto",
+        "enable_deterministic_inference": True,  # else SGLang ignores our per-request sampling seeds
     }
+
+
+def test_cuda_payload_opens_the_senders_gpu_in_sglang(schema_report):
+    """SGLang's own deserialization of each rank's payload (its patched CUDA rebuild, a recorder in
+    place of torch's) opens the handles on the GPU whose UUID the trainer's device has, whatever
+    index the server gives it."""
+    assert schema_report["cuda_payloads"] == [[1, 1], [1, 1]]
+
+
+def test_stand_in_answers_weight_updates_as_sglang(schema_report, engine, models):
+    """The session sequence SGLang's scheduler answered (in the child) replayed on the stand-in
+    server: the same success flags and messages; failures with the status SGLang's routes use; the
+    routes SGLang serves only at dp_size 1 are the stand-in's."""
+    rules = schema_report["weight_update_rules"]
+    url = engine.urls[0]
+    model_a = models[0]
+    ours = CudaIpcTransport(device="cpu").bucket_body(list(model_a.named_parameters()), 1)  # the same weights again
+    bodies = {"tensor": ("/update_weights_from_tensor", ours),
+              "distributed": ("/update_weights_from_distributed", NcclBroadcastTransport.bucket_body([], "g", 1)),
+              "begin": ("/begin_weight_update", protocol.begin_update_body()),
+              "end": ("/end_weight_update", protocol.end_update_body())}
+    status_name = {400: "BAD_REQUEST"}
+    for label, success, message in rules["session"]:
+        path, body = bodies[label]
+        status, answer = raw("POST", url + path, body)
+        assert (answer["success"], answer["message"]) == (success, message), (label, answer)
+        assert status == 200 if success else [status_name.get(status)] == rules["status"][path], (label, status)
+    assert set(protocol.SINGLE_DP_ROUTES) == set(rules["single_dp"]) & {
+        "/destroy_weights_update_group", "/init_weights_update_group", "/update_weights_from_distributed",
+        "/update_weights_from_tensor", "/update_weights_from_disk"}
 
 
 def test_broadcast_reaches_sglang_group(schema_report):

@@ -210,7 +210,8 @@ def end_update_body() -> dict:
 # Routes that SGLang 0.5.23 serves only inside a weight-update session and only with dp_size == 1
 # (its scheduler's weight updater and tokenizer manager; /init_weights_update_group: dp_size == 1 only).
 SESSION_ROUTES = ("/update_weights_from_distributed", "/update_weights_from_tensor")
-SINGLE_DP_ROUTES = ("/init_weights_update_group", "/update_weights_from_distributed", "/update_weights_from_tensor")
+SINGLE_DP_ROUTES = ("/destroy_weights_update_group", "/init_weights_update_group", "/update_weights_from_distributed",
+                    "/update_weights_from_tensor")
 
 
 def pause_body() -> dict:
