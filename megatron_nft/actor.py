@@ -630,7 +630,8 @@ class Actor:
         """The multiple packed sequences and padded rows are padded to (TP x CP zigzag; under FP8, whole
         GEMM blocks on every rank: data.batching.sequence_alignment)."""
         return sequence_alignment(tp=self.tp, cp=self.cp, fp8=self.options.fp8 is not None,
-                                  blockwise=self.options.fp8_recipe == "blockwise")
+                                  blockwise=self.options.fp8_recipe == "blockwise",
+                                  sequence_parallel=self.config.sequence_parallel)
 
     def _groups_fit(self, batch: dict, group_size: int) -> bool:
         """Whether micro-batches can hold whole groups: rows per micro-batch a multiple of K, or every

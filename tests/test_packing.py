@@ -114,16 +114,19 @@ def test_sequence_alignment_rule():
     assert sequence_alignment(tp=2) == 2  # sequence parallel splits the stream over TP
     assert sequence_alignment(tp=2, cp=2) == 8  # 2*cp zigzag chunks, each split over TP
     assert sequence_alignment(fp8=True) == 16
-    assert sequence_alignment(tp=2, cp=3, fp8=True) == 96  # each of 2*3 ranks' shares a whole 16-token block
-    assert sequence_alignment(tp=2, cp=3, fp8=True, blockwise=True) == 768  # 128-token blocks
+    assert sequence_alignment(tp=2, cp=3, fp8=True) == 48  # lcm(12, 3 x 16): each CP rank's share whole blocks
+    assert sequence_alignment(tp=2, cp=3, fp8=True, sequence_parallel=True) == 96  # and each TP rank's
+    assert sequence_alignment(tp=2, cp=3, fp8=True, blockwise=True) == 384  # 128-token blocks
+    assert sequence_alignment(tp=2, cp=4, fp8=True) == 64  # was lcm(16, 16) = 16: 4 tokens per CP rank
     assert sequence_alignment(tp=4, blockwise=True) == 4  # the recipe matters only under FP8
 
 
 FP8_LAYOUTS = [(tp, cp) for tp in (1, 2, 4, 8) for cp in (1, 2, 3, 4, 8)]
 
 
+@pytest.mark.parametrize("sequence_parallel", [False, True])
 @pytest.mark.parametrize("blockwise", [False, True])
-def test_fp8_alignment_gives_every_rank_whole_gemm_blocks(blockwise):
+def test_fp8_alignment_gives_every_rank_whole_gemm_blocks(blockwise, sequence_parallel):
     # Transformer Engine's FP8 GEMMs assert token counts in whole blocks (16; 128 for the blockwise
     # recipe) on every rank: a CP rank holds its zigzag chunks of every packed sequence, and sequence
     # parallel splits that share again over TP. Counted here from the packer's plan and the zigzag
@@ -131,16 +134,18 @@ def test_fp8_alignment_gives_every_rank_whole_gemm_blocks(blockwise):
     block = 128 if blockwise else 16
     lengths = _random_lengths(40, seed=7, low=1, high=700)
     for tp, cp in FP8_LAYOUTS:
-        align = sequence_alignment(tp=tp, cp=cp, fp8=True, blockwise=blockwise)
+        split = tp if sequence_parallel else 1  # TP ranks that share one CP rank's tokens
+        align = sequence_alignment(tp=tp, cp=cp, fp8=True, blockwise=blockwise, sequence_parallel=sequence_parallel)
+        assert align % sequence_alignment(tp=tp, cp=cp) == 0  # zigzag chunks still whole
         plan = plan_packing(lengths, max_tokens=64 * align, dp=2, align=align)
         for micro in itertools.chain.from_iterable(plan):
             cu = micro.cu_seqlens().tolist()
             for rank in range(cp):
                 share = len(zigzag_indices(cu, cp, rank)) if cp > 1 else micro.total_tokens
-                assert share % tp == 0 and (share // tp) % block == 0, (tp, cp, rank, share)
+                assert share % split == 0 and (share // split) % block == 0, (tp, cp, rank, share)
         # the padded (right-padded rows) path: a rank's [rows, width] micro-batch, its width so aligned
         width = -(-max(lengths) // align) * align
-        assert (width // tp) % block == 0
+        assert (width // split) % block == 0
 
 
 def test_actor_alignment_follows_its_layout_and_fp8_recipe():
@@ -149,13 +154,16 @@ def test_actor_alignment_follows_its_layout_and_fp8_recipe():
     from megatron_nft.actor import Actor
     from megatron_nft.model.qwen2 import ModelOptions
 
-    def alignment(tp, cp, **options):
-        return Actor._alignment.fget(SimpleNamespace(tp=tp, cp=cp, options=ModelOptions(**options)))
+    def alignment(tp, cp, sequence_parallel=False, **options):
+        actor = SimpleNamespace(tp=tp, cp=cp, options=ModelOptions(**options),
+                                config=SimpleNamespace(sequence_parallel=sequence_parallel))
+        return Actor._alignment.fget(actor)
 
     assert alignment(2, 4) == 16
-    assert alignment(2, 4, fp8="hybrid", fp8_recipe="tensorwise") == 2 * 4 * 16
+    assert alignment(2, 4, fp8="hybrid", fp8_recipe="tensorwise") == 64
+    assert alignment(2, 4, True, fp8="hybrid", fp8_recipe="tensorwise") == 2 * 4 * 16
     assert alignment(1, 4, fp8="hybrid", fp8_recipe="blockwise") == 4 * 128
-    assert alignment(8, 1, fp8="e4m3") == 8 * 16
+    assert alignment(8, 1, fp8="e4m3") == 16
 
 
 def test_unpack_inverts_pack_and_is_its_adjoint():

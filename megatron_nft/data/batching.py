@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,8 @@ def pad_width(batch: dict, align: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def sequence_alignment(*, tp: int = 1, cp: int = 1, fp8: bool = False, blockwise: bool = False) -> int:
+def sequence_alignment(*, tp: int = 1, cp: int = 1, fp8: bool = False, blockwise: bool = False,
+                       sequence_parallel: bool = False) -> int:
     """The multiple every packed sequence's length (and a right-padded row's width) is padded to.
 
     - Context parallel cuts each sequence into 2*cp equal chunks (rank r holds chunks r and
@@ -62,13 +64,14 @@ def sequence_alignment(*, tp: int = 1, cp: int = 1, fp8: bool = False, blockwise
       again over TP: tp * cp * 2 when cp > 1.
     - Without CP, sequence parallel cuts the packed stream over TP: tp.
     - FP8 GEMMs (Transformer Engine) need every rank's token count to be a multiple of 16, and the
-      blockwise recipe quantises in 128-token blocks. A rank holds 1/cp of each sequence, and 1/tp
-      of that under sequence parallel, so each sequence is padded to tp * cp * 16 (tp * cp * 128):
-      a multiple of the two rules above, and every rank's share of it is a whole number of blocks
-      (lcm(tp * cp * 2, 16) is not: at cp = 4 a 16-token sequence leaves 4 tokens per rank)."""
-    if fp8:
-        return tp * cp * (128 if blockwise else 16)
-    return tp * cp * 2 if cp > 1 else tp
+      blockwise recipe quantises in 128-token blocks. A rank holds 1/cp of each sequence, and under
+      sequence parallel 1/tp of that, so a sequence of a multiple of cp * block tokens (cp * tp *
+      block under sequence parallel) leaves every rank whole blocks; combined with the rules above
+      by lcm. (lcm(tp * cp * 2, block), the rule before, leaves 4 tokens per rank at cp = 4.)"""
+    align = tp * cp * 2 if cp > 1 else tp
+    if not fp8:
+        return align
+    return math.lcm(align, cp * (tp if sequence_parallel else 1) * (128 if blockwise else 16))
 
 
 def needed_lengths(loss_mask: torch.Tensor) -> list[int]:
