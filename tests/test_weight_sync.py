@@ -512,3 +512,42 @@ def test_gpu_transports_to_real_sglang(transport, tmp_path):
             torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=2e-3, rtol=0)
     finally:
         engine.close()
+
+
+def test_launched_servers_take_gpus_the_trainer_does_not_use():
+    """The trainer's local ranks hold GPUs 0..L-1; servers default to the ones after, an explicit
+    rollout.server_gpus that overlaps them is refused in one line (it ran out of memory before)."""
+    from megatron_nft.errors import ConfigError
+    from megatron_nft.rollout.servers import gpu_groups
+
+    visible = "0,1,2,3,4,5,6,7"
+    assert gpu_groups(2, 2, trainer_gpus=4, visible=visible) == ["4,5", "6,7"]
+    assert gpu_groups(2, 1, trainer_gpus=2, server_gpus=[7, 5], visible="a,b,c,d,e,f,g,h") == ["h", "f"]
+    for kwargs, message in [
+        (dict(trainer_gpus=4, server_gpus=[3, 4]), r"rollout.server_gpus=\[3, 4\]: GPU 3 is used by trainer local rank 3"),
+        (dict(trainer_gpus=7), r"the GPUs after the trainer.s 7: GPU 8 does not exist"),
+        (dict(trainer_gpus=0, server_gpus=[1]), r"need 2 GPUs, 1 given"),
+        (dict(trainer_gpus=0, server_gpus=[1, 1]), r"a GPU is listed twice"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            gpu_groups(1, 2, visible=visible, **kwargs)
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_into_stand_in_on_gpu(stand_ins):
+    """The real CUDA IPC path: handles of GPU tensors, device named by UUID, opened by the stand-in
+    server process (which maps UUIDs to its GPUs as SGLang does); its log-probs then are the model's."""
+    from helpers import hf_token_logprobs
+    from megatron_nft.rollout import SamplingParams
+    from megatron_nft.rollout.sglang_client import SGLangEngine
+
+    engine = SGLangEngine([stand_ins["tp2"]], transport=CudaIpcTransport(ranks_per_server=2), bucket_bytes=BUCKET_BYTES)
+    _, model = random_qwen2(seed=21)
+    engine.update_weights(((n, p.detach().cuda()) for n, p in model.named_parameters()), 8)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    for c in engine.generate(prompts, SamplingParams(max_new_tokens=6, n=2)):
+        seq = torch.tensor([prompts[c.prompt_index] + c.token_ids])
+        with torch.no_grad():
+            expected = hf_token_logprobs(model, seq)[0, len(prompts[c.prompt_index]) - 1 : -1]
+        assert c.weight_version == 8
+        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
