@@ -102,13 +102,14 @@ class Context:
             self.last_output = (log, offset)
             proc = subprocess.Popen(argv, cwd=REPO, env={**self.env, **(env or {})}, stdout=f, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
+            own_limit = timeout is not None and timeout < self.remaining()
             try:
                 rc = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
                 kill_group(proc)
                 tail = read_tail(log, offset)
                 self.record["log_tail"] = tail
-                if timeout is not None and timeout < self.remaining():
+                if own_limit:
                     return 124, tail  # the command's own limit, not the step's
                 raise StepTimeout(f"killed after {limit:.0f} s: {shlex.join(argv)}") from None
         tail = read_tail(log, offset)
@@ -182,11 +183,11 @@ def accepted(version: str | None, spec: str) -> bool:
     raise ValueError(f"accept spec {spec!r}: expected '==X' or '>=X'")
 
 
-def probe_versions(python: list[str], wheels, env: dict) -> dict:
+def probe_versions(python: list[str], wheels, env: dict, timeout: float = 120) -> dict:
     """{dist: {version, error}} as `python` (a command prefix) sees them in `env`."""
     pairs = json.dumps([[w.dist, w.module] for w in wheels])
     out = subprocess.run([*python, "-c", _PROBE, pairs], capture_output=True, text=True, env=env, cwd=REPO,
-                         timeout=120)
+                         timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"probing the installed packages failed: {out.stderr.strip()[-500:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -196,10 +197,13 @@ def usable(state: dict, wheel) -> bool:
     return state["error"] is None and accepted(state["version"], wheel.accept)
 
 
-def install_missing(python: list[str], bundle: Path, site: Path, env: dict, wheels=gpu_bundle.BUNDLE) -> list[dict]:
+def install_missing(python: list[str], bundle: Path, site: Path, env: dict, wheels=gpu_bundle.BUNDLE,
+                    deadline: float | None = None) -> list[dict]:
     """Installs (pip --no-index --no-deps --target `site`) each bundled wheel that `python` cannot use
-    as it is; returns one row per wheel: what was there, what was done, what is there now."""
-    before = probe_versions(python, wheels, env)
+    as it is; returns one row per wheel: what was there, what was done, what is there now. Each command
+    must end by `deadline` (time.monotonic()), else subprocess.TimeoutExpired."""
+    left = lambda: 300.0 if deadline is None else max(deadline - time.monotonic(), 0.1)  # noqa: E731
+    before = probe_versions(python, wheels, env, timeout=left())
     todo = [w for w in wheels if not usable(before[w.dist], w)]
     found = gpu_bundle.wheel_files(bundle)
     if todo:
@@ -210,8 +214,8 @@ def install_missing(python: list[str], bundle: Path, site: Path, env: dict, whee
         paths = [str(found[gpu_bundle.normalize(w.dist)][1]) for w in todo]
         subprocess.run([*python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
                         "--disable-pip-version-check", "--upgrade", "--target", str(site), *paths],
-                       check=True, env=env, capture_output=True, text=True, timeout=300)
-    after = probe_versions(python, wheels, env)
+                       check=True, env=env, capture_output=True, text=True, timeout=left())
+    after = probe_versions(python, wheels, env, timeout=left())
     return [{"package": w.dist, "accepts": w.accept, "found": before[w.dist]["version"] or "missing",
              "action": "installed" if w in todo else "kept", "now": after[w.dist]["version"],
              "import": "ok" if after[w.dist]["error"] is None else after[w.dist]["error"]} for w in wheels]
@@ -233,7 +237,12 @@ print(json.dumps(info))
 
 
 def step_install(ctx: Context) -> bool:
-    rows = install_missing([ctx.python], ctx.args.bundle, ctx.work / "site", ctx.env)
+    try:
+        rows = install_missing([ctx.python], ctx.args.bundle, ctx.work / "site", ctx.env, deadline=ctx.deadline)
+    except subprocess.TimeoutExpired as e:
+        raise StepTimeout(f"killed after the step's budget: {shlex.join(map(str, e.cmd))[:200]}") from None
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"pip install from the bundle failed: {(e.stderr or '').strip()[-500:]}") from None
     ctx.record["tables"] = {"packages": rows}
     installed = [r["package"] for r in rows if r["action"] == "installed"]
     ctx.note(f"installed from {ctx.args.bundle}: {', '.join(installed) or 'nothing (all present)'}; site {ctx.work / 'site'}")
