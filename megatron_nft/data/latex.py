@@ -74,3 +74,21 @@ def last_boxed(text: str) -> str | None:
                 content = text[i + 1 : m.start()].strip()
                 return content or None
     return None  # unbalanced (the box never closes) or longer than MAX_BOXED_CHARS
+
+
+# A control word with the spaces after it (kept as one space only before a letter: `\pi r` is not
+# `\pir`), a control symbol (`\\`, `\ `, `\{`: kept whole, so the space of `\ ` survives), or spaces.
+_SPACES_RE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])|(\\.)|\s+", re.DOTALL)
+
+
+def _keep_significant(m: re.Match) -> str:
+    if m.group(1):
+        return m.group(1) + " "
+    return m.group(2) or ""
+
+
+def drop_insignificant_spaces(text: str) -> str:
+    """`text` without the whitespace that LaTeX math mode ignores: all of it but one space between a
+    control word and a following letter. `\\frac{4 A}{3+3 i} e^{i t}` -> `\\frac{4A}{3+3i}e^{it}`.
+    (Inside `\\text{}` spaces do matter; answers are compared with both sides treated alike.)"""
+    return _SPACES_RE.sub(_keep_significant, text)

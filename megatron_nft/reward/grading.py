@@ -15,7 +15,8 @@ reason, so the caller applies that rule with `apply_truncation`.
 Graders are selected by name from a registry (`register_grader`); a grader is a module-level function
 `(gold: str, answer: str) -> float` over *extracted* answer strings, so it pickles by reference into
 the workers. "math_verify" (HF Math-Verify) is the default. Graders may be slow or hang; they are only
-ever called inside the pool, which is what bounds them.
+ever called inside the pool, which is what bounds them. Both built-in graders decide plain numbers on
+their exact values first (reward/exact.py): floats cannot tell 1/2004! from 1/2006!.
 
 math-verify 0.9.0 enforces its own timeouts with signal.alarm, which fails outside the main thread
 and cannot interrupt a long C-level computation; we pass parsing_timeout=None / timeout_seconds=None
@@ -42,9 +43,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from fractions import Fraction
 
 import pebble
 
+from megatron_nft.data.latex import drop_insignificant_spaces
+from megatron_nft.reward.exact import compare_exact
 from megatron_nft.reward.extract import ANSWER_FORMATS, extract_answer
 from megatron_nft.reward.guard import refusal
 
@@ -88,8 +92,30 @@ def _math_verify_parse(answer: str) -> list:
     from math_verify import parse
 
     # The answer is already extracted: wrapping it in \boxed{} makes math-verify's LaTeX extraction
-    # take exactly this string (it falls back to plain-expression and raw-string matches).
-    return parse("\\boxed{" + answer + "}", parsing_timeout=None)
+    # take exactly this string (it falls back to plain-expression and raw-string matches). Spaces
+    # that LaTeX ignores go first, on both sides alike: math-verify compares what it cannot parse as
+    # raw strings (`m_{\max }` vs `m_{\max}`), and whether it parses can hang on a space
+    # (`\lambda_{\text {red}}` parses, `\lambda_{\text{red}}` does not).
+    return parse("\\boxed{" + drop_insignificant_spaces(answer) + "}", parsing_timeout=None)
+
+
+def _same_symbols(gold: tuple, answer: list) -> list:
+    """`answer` with each symbol replaced by the gold's symbol of the same name.
+
+    math-verify makes every symbol real=True, or real=False when the string has a standalone `i`
+    (`3 i`, `e^{i t}`), so two spellings of one expression can hold symbols that sympy never finds
+    equal; a name means one variable on both sides.
+    """
+    by_name = {}
+    for item in gold:
+        for sym in getattr(item, "free_symbols", ()):
+            by_name.setdefault(sym.name, sym)
+    unified = []
+    for item in answer:
+        swap = {sym: by_name[sym.name] for sym in getattr(item, "free_symbols", ())
+                if getattr(sym, "name", None) in by_name and by_name[sym.name] != sym}
+        unified.append(item.xreplace(swap) if swap else item)
+    return unified
 
 
 @functools.lru_cache(maxsize=4096)
@@ -99,8 +125,25 @@ def _math_verify_parse_gold(gold: str) -> tuple:
     return tuple(_math_verify_parse(gold))
 
 
+# math-verify's own rule when one side is a decimal: both rounded to 6 decimal places (verify's
+# float_rounding=6), applied here to exact values.
+MATH_VERIFY_DECIMALS = 6
+
+
+def _rounded_equal(a: Fraction, b: Fraction) -> bool:
+    return round(a, MATH_VERIFY_DECIMALS) == round(b, MATH_VERIFY_DECIMALS)
+
+
 def math_verify_grader(gold: str, answer: str) -> float:
-    """1.0 when math-verify finds `answer` equivalent to `gold`. verify() is asymmetric: gold first."""
+    """1.0 when math-verify finds `answer` equivalent to `gold`. verify() is asymmetric: gold first.
+
+    Plain numbers on both sides (reward/exact.py) are decided on their exact values first: sympy's
+    evalf with chop, which verify uses, calls 1/2004! and 1/2006! equal (their difference is below
+    its precision), and math-verify does not read Python-style numbers such as `-1./3`.
+    """
+    exact = compare_exact(gold, answer, _rounded_equal)
+    if exact is not None:
+        return 1.0 if exact else 0.0
     from math_verify import verify
 
     parsed_gold = _math_verify_parse_gold(gold)
@@ -109,7 +152,7 @@ def math_verify_grader(gold: str, answer: str) -> float:
     parsed = _math_verify_parse(answer)
     if not parsed:
         return 0.0
-    return 1.0 if verify(list(parsed_gold), parsed, timeout_seconds=None) else 0.0
+    return 1.0 if verify(list(parsed_gold), _same_symbols(parsed_gold, parsed), timeout_seconds=None) else 0.0
 
 
 register_grader("math_verify", math_verify_grader)

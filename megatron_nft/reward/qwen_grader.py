@@ -5,13 +5,15 @@ inside the grading pool's worker processes, so the pool's hard per-answer timeou
 work below (which can take unbounded time on adversarial input).
 
 Both strings (the gold and the extracted answer) are first normalised by `normalize_answer`:
-$ signs, \\text{}/\\mbox{}/\\mathrm{} wrappers, units ("degrees", "cm", ^\\circ, ...), \\left/\\right,
-\\dfrac/\\tfrac -> \\frac, a trailing period, thousands separators ("1,000" -> "1000"), percent signs
+$ signs (and the currency sign \\$), \\text{}/\\mbox{}/\\mathrm{} wrappers, units ("degrees", "cm",
+^\\circ, ...), \\left/\\right, \\dfrac/\\tfrac -> \\frac, a trailing period, thousands separators ("1,000" -> "1000"), percent signs
 ("50\\%" -> "50"), spacing commands, "x = " prefixes, \\frac12 -> \\frac{1}{2}. Then the answer is right
 when, in this order:
   1. the normalised strings are equal;
-  2. both are numbers (integers, decimals, a/b, \\frac{a}{b}, mixed signs) equal within a relative
-     tolerance of 1e-4;
+  2. both are plain numbers (reward/exact.py: integers, decimals, Python-style `-1./3`, a/b,
+     \\frac{a}{b}, powers, factorials) whose exact values are equal, or, when one is written as a
+     decimal (a possible rounding), within a relative tolerance of 1e-4 computed on the exact values
+     (floats would call 1/2004! and 1/2006! equal: both underflow to 0);
   3. both are bracketed tuples/intervals, or comma-separated lists, of the same length and bracket
      kind whose elements are pairwise equal by these rules;
   4. latex2sympy (latex2sympy2_extended) parses both and sympy finds them equal: a == b, or
@@ -24,10 +26,13 @@ from __future__ import annotations
 import functools
 import math
 import re
+from fractions import Fraction
 
+from megatron_nft.reward.exact import compare_exact
 from megatron_nft.reward.grading import register_grader
 
 REL_TOL = 1e-4
+_REL_TOL_EXACT = Fraction(str(REL_TOL))
 
 # Words that follow a number as its unit; removed at the end of an answer, with an optional plural
 # "s", when inside \text{}/\mbox{} or, bare, after a space (one-letter units only inside \text{}: a
@@ -82,17 +87,22 @@ def _fix_short_fracs(s: str) -> str:
     return re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])", r"\\sqrt{\1}", s)
 
 
+def _drop_spacing(m: re.Match) -> str:
+    return m.group(0) if m.group(0) == "\\\\" else ""
+
+
 @functools.lru_cache(maxsize=8192)
 def normalize_answer(s: str) -> str:
     """The canonical string form of an answer (see the module docstring). Linear-time regexes only."""
     s = str(s).strip().replace("\n", " ")
-    s = s.replace("$", "")
+    s = s.replace("\\$", "").replace("$", "")  # "\$36": a currency sign, backslash included
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("\\displaystyle", "")
     # spacing: "\!", "\,", "\;", "\:", "\ ", "~"; "{,}" is a thousands separator written in LaTeX
     s = s.replace("{,}", ",")
-    s = re.sub(r"\\[!,;: ]", "", s).replace("~", " ")
+    # `\\` (a row break) is matched as a pair first, so the `\ ` inside "\\ " is not taken for a space
+    s = re.sub(r"\\\\|\\[!,;: ]", _drop_spacing, s).replace("~", " ")
     # degrees: ^\circ, ^{\circ}, \circ, \degree
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s).replace("\\circ", "").replace("\\degree", "")
     # percent
@@ -142,6 +152,11 @@ def _to_number(s: str) -> float | None:
 
 def _numbers_close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=0.0) or (a == 0 == b)
+
+
+def _values_close(a: Fraction, b: Fraction) -> bool:
+    """The numeric rule on exact values: no underflow, no overflow."""
+    return abs(a - b) <= _REL_TOL_EXACT * max(abs(a), abs(b))
 
 
 def _split_top_level(s: str) -> list[str]:
@@ -223,8 +238,11 @@ def answers_equal(gold: str, answer: str, *, _depth: int = 0) -> bool:
         return False
     if g == a:
         return True
+    exact = compare_exact(g, a, _values_close)
+    if exact is not None:
+        return exact
     gn, an = _to_number(g), _to_number(a)
-    if gn is not None and an is not None:
+    if gn is not None and an is not None:  # numbers too large for the exact path (reward/exact.py MAX_BITS)
         return _numbers_close(gn, an)
     if _depth < 3:
         gb, ab = _bracketed(g), _bracketed(a)
