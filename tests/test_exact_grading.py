@@ -117,6 +117,12 @@ def test_decimal_tolerances_are_each_graders_own():
     assert qwen_math_grader("100", "100.001") == 1.0
     assert math_verify_grader("\\frac{1}{3}", "0.333333") == 1.0
     assert math_verify_grader("\\frac{1}{3}", "0.33333") == 0.0
+    assert math_verify_grader("0.0123456789", "0.012346") == 1.0
+    # ... but never wider than 1e-4 relative: rounding to 6 places alone makes tiny values all 0
+    assert math_verify_grader("2.88e-19", "0") == 0.0  # was 1.0
+    assert math_verify_grader("1e-8", "2e-8") == 0.0  # was 1.0
+    assert math_verify_grader("2.88e-19", "2.88 \\times 10^{-19}") == 1.0  # was 0.0: e read as Euler's number
+    assert math_verify_grader("4.5e33", "4.5 \\cdot 10^{33}") == 1.0
 
 
 @pytest.mark.parametrize(

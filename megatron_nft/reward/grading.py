@@ -125,13 +125,18 @@ def _math_verify_parse_gold(gold: str) -> tuple:
     return tuple(_math_verify_parse(gold))
 
 
-# math-verify's own rule when one side is a decimal: both rounded to 6 decimal places (verify's
-# float_rounding=6), applied here to exact values.
+# When one side is a decimal: math-verify's own rule, both rounded to 6 decimal places (verify's
+# float_rounding=6), applied to exact values -- and never wider than a relative 1e-4. Rounding alone
+# is absolute: it would call 0 right for minerva's gold 2.88e-19, and 1e-8 right for 2e-8.
 MATH_VERIFY_DECIMALS = 6
+MAX_RELATIVE_ERROR = Fraction(1, 10_000)
 
 
-def _rounded_equal(a: Fraction, b: Fraction) -> bool:
-    return round(a, MATH_VERIFY_DECIMALS) == round(b, MATH_VERIFY_DECIMALS)
+def _decimals_equal(a: Fraction, b: Fraction) -> bool:
+    return (
+        round(a, MATH_VERIFY_DECIMALS) == round(b, MATH_VERIFY_DECIMALS)
+        and abs(a - b) <= MAX_RELATIVE_ERROR * max(abs(a), abs(b))
+    )
 
 
 def math_verify_grader(gold: str, answer: str) -> float:
@@ -139,9 +144,10 @@ def math_verify_grader(gold: str, answer: str) -> float:
 
     Plain numbers on both sides (reward/exact.py) are decided on their exact values first: sympy's
     evalf with chop, which verify uses, calls 1/2004! and 1/2006! equal (their difference is below
-    its precision), and math-verify does not read Python-style numbers such as `-1./3`.
+    its precision), and math-verify reads neither Python-style numbers such as `-1./3` nor
+    scientific notation (`4.5e33` becomes 4.5·e·33, e being Euler's number).
     """
-    exact = compare_exact(gold, answer, _rounded_equal)
+    exact = compare_exact(gold, answer, _decimals_equal)
     if exact is not None:
         return 1.0 if exact else 0.0
     from math_verify import verify
