@@ -96,17 +96,26 @@ def check_layout(tp: int, pp: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _overlaps(a: Path, b: Path) -> bool:
+    """a and b are one path, or one lies inside the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def check_output(out: Path, overwrite: bool, *inputs: Path) -> None:
-    """Refuses an existing OUT without --overwrite, and an OUT that would replace one of the inputs."""
+    """Refuses an existing OUT without --overwrite, and any overlap between what the tool writes,
+    renames or deletes (OUT and its staging folder OUT.tmp) and an input: the same path, one inside
+    the other either way. Nothing is created before this check."""
     if out.exists() and not overwrite:
         raise CheckpointError(f"--out {out} exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} exists and is not a directory")
-    resolved = out.resolve()
-    for src in inputs:
-        src = src.resolve()
-        if resolved == src or resolved in src.parents:
-            raise CheckpointError(f"--out {out} would replace the input {src}")
+    for written in (out, staging_dir(out)):
+        for src in inputs:
+            if _overlaps(written, src):
+                what = f"--out {out}" if written == out else f"the staging folder {written} of --out {out}"
+                raise CheckpointError(f"{what} overlaps the input {src} (the same folder, or one inside the other); "
+                                      f"the tool writes and deletes there: choose an --out apart from every input")
 
 
 def staging_dir(out: Path) -> Path:
@@ -241,6 +250,9 @@ def check_megatron_checkpoint(ckpt: Path, shape, cfg_file: Path) -> str:
     """Compares the checkpoint's global tensor shapes with the model of `cfg_file`; returns its dtype."""
     from megatron.core import dist_checkpointing
 
+    from megatron_nft.checkpoint_trust import check_torch_dist_index
+
+    check_torch_dist_index(ckpt)  # load_tensors_metadata unpickles it
     try:
         meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is bad input

@@ -83,11 +83,15 @@ def slurm_trainer(cfg: LaunchConfig, *, heterogeneous: bool):
     args = " ".join(shlex.quote(a) for a in trainer_arguments(cfg))
     if job.rollout_nodes:
         args += ' "rollout.urls=[$NFT_ROLLOUT_URLS]"'
-    run_dir = shlex.quote(f"{cfg.run_dir}/config.yaml")
+    config_file = shlex.quote(f"{cfg.run_dir}/config.yaml")
+    checkpoints = shlex.quote(f"{cfg.run_dir}/checkpoints")
     lines += [
         f"set -- {args}",
-        "# a job that Slurm requeued after a failure continues its run directory",
-        f'if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ] && [ -e {run_dir} ]; then set -- "$@" run.resume=true; fi',
+        "# a job that Slurm requeued after a failure continues its run directory from its newest checkpoint;",
+        "# one that failed before its first checkpoint starts that run again (resume would refuse: nothing to resume)",
+        f'if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ] && [ -n "$(ls -d {checkpoints}/step_[0-9]* 2>/dev/null)" ]; '
+        f'then set -- "$@" run.resume=true; '
+        f'elif [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ] && [ -e {config_file} ]; then set -- "$@" run.overwrite=true; fi',
         f"exec torchrun --nnodes={job.trainer_nodes} --nproc-per-node={job.gpus_per_node} --rdzv-backend=c10d "
         f'--rdzv-endpoint="$NFT_TRAINER_HOST:{job.rendezvous_port}" --rdzv-id="$SLURM_JOB_ID" -m megatron_nft.cli "$@"',
     ]

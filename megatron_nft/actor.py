@@ -778,6 +778,9 @@ class Actor:
     def load_checkpoint(self, directory: str | Path, *, with_optimizer: bool = True) -> None:
         from megatron.core import dist_checkpointing
 
+        from megatron_nft.checkpoint_trust import check_torch_dist_index
+
+        check_torch_dist_index(directory)  # before torch unpickles it
         if with_optimizer:
             self._materialize_optimizer_state()
         with runtime.megatron_device_compat():

@@ -104,13 +104,18 @@ def build_base_model(cfg: TrainConfig, out_dir: Path, *, quiet: bool = False) ->
 def run_demo(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     """The whole demo; returns the trainer's final metrics (accuracy before and after NFT)."""
     from megatron_nft import runtime
-    from megatron_nft.trainer import prepare_run_dir, train
+    from megatron_nft.trainer import prepare_run_dir, remove_failed_start, train
 
     runtime.init_process_group()
-    run_dir = prepare_run_dir(cfg)
-    base = run_dir / "base"
-    if not (base / "config.json").is_file():
-        build_base_model(cfg, base, quiet=quiet)
-    runtime.barrier()
+    base = Path(cfg.run.dir) / "base"
     nft_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_path=str(base)))
-    return train(nft_cfg, quiet=quiet)
+    run_dir, fresh = prepare_run_dir(cfg, resumes_as=nft_cfg)
+    try:
+        if not (base / "config.json").is_file():
+            build_base_model(cfg, base, quiet=quiet)
+        runtime.barrier()
+        return train(nft_cfg, quiet=quiet)
+    except BaseException:
+        if fresh:
+            remove_failed_start(run_dir)
+        raise

@@ -323,6 +323,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (pickled over the control group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=control_group())
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on some rank (one all-reduce on the control group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -117,7 +117,7 @@ class _HomeTracker(TorchFunctionMode):
         if getattr(func, "__self__", None) is _DEVICE_PROPERTY:
             # `torch.zeros(n, device=x.device)` makes its tensor where x is: answer the stand-in for
             # an accelerator tensor, so the new tensor is stamped as the GPU run would place it.
-            return STANDIN if _input_home(args[0]) == ACCELERATOR else out
+            return STANDIN if out.type == "cpu" and _input_home(args[0]) == ACCELERATOR else out
         where = _result_home(func, args, kwargs)
         if func in _MOVES and out is args[0] and where is not None and home(out) not in (None, where):
             # On the CPU a move between "devices" returns the tensor itself; on a GPU machine it is a
@@ -127,7 +127,8 @@ class _HomeTracker(TorchFunctionMode):
             inputs = {id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
             for t in tree_flatten(out)[0]:
                 # an in-place op returns its input: it does not move it
-                if isinstance(t, torch.Tensor) and not (id(t) in inputs and home(t) is not None):
+                # (only CPU tensors: a meta tensor, say, has a place of its own)
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not (id(t) in inputs and home(t) is not None):
                     try:
                         setattr(t, _ATTR, where)
                     except (AttributeError, RuntimeError):  # tensors that take no attributes

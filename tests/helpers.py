@@ -34,3 +34,21 @@ def hf_token_logprobs(model, tokens: torch.Tensor, temperature: float = 1.0) -> 
     logits = model(tokens).logits.float() / temperature
     lp = torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     return torch.cat([lp, torch.zeros_like(lp[:, :1])], dim=1)
+
+
+def tiny_hf_checkpoint(out, *, hidden=32, layers=2, seed=0):
+    """A random HF Qwen2 checkpoint with an offline-trained tokenizer, written to `out` (a folder)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from megatron_nft.data.tokenizer import train_bpe_tokenizer
+    from megatron_nft.model.hf_io import save_hf_checkpoint
+
+    torch.manual_seed(seed)
+    tok = train_bpe_tokenizer([f"What is {i} + {i + 1}?" for i in range(200)] + ["Answer: 12"], vocab_size=300)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=96, tie_word_embeddings=True,
+    )
+    model = Qwen2ForCausalLM(config)
+    save_hf_checkpoint(out, ((n, p) for n, p in model.named_parameters()), config, tok)
+    return out

@@ -357,11 +357,49 @@ def test_existing_output_is_refused_without_overwrite(small, capsys):
     _assert_refused(code, err, tmp / "x", "--ckpt", "nope", "no such directory")
 
 
-def test_output_that_would_replace_an_input(models, tp1, capsys):
+def _tree_digest(root: Path) -> dict:
+    """Every file under root (or root itself) with its bytes: an input must come out byte-for-byte equal."""
+    import hashlib
+
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root) if p != root else p.name): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+# --out relative to an input, as a function of the input folder: every way the two can overlap
+# (the staging folder OUT.tmp included: `--hf q.tmp --out q` once deleted its own input).
+OVERLAPS = {
+    "out is the input": lambda src: src,
+    "out inside the input": lambda src: src / "converted",
+    "input inside out": lambda src: src.parent,
+    "staging folder is the input": lambda src: src.with_name(src.name.removesuffix(".tmp")),
+    "staging folder inside the input": lambda src: src / "x",  # x.tmp inside src
+}
+
+
+@pytest.mark.parametrize("overlap", OVERLAPS)
+def test_outputs_that_overlap_an_input_are_refused_and_inputs_untouched(models, tp1, overlap, capsys, tmp_path):
+    import shutil
+
     m = models["mha_untied"]
-    code, _, err = _cli(capsys, megatron_to_hf, "--ckpt", m["dir"] / "m1", "--hf-config", m["hf"], "--out", m["hf"], "--overwrite")
-    assert code == 2 and len(err) == 1 and "would replace the input" in err[0]
-    assert (m["hf"] / "config.json").is_file()
+    # copies named so that every relation exists (a `.tmp` name for the staging case)
+    root = tmp_path / "inputs"
+    hf = root / "q.tmp"
+    ckpt = root / "m1.tmp"
+    shutil.copytree(m["hf"], hf)
+    shutil.copytree(m["dir"] / "m1", ckpt)
+    calls = {
+        "hf_to_megatron --hf": (hf_to_megatron, ["--hf", hf], hf),
+        "megatron_to_hf --ckpt": (megatron_to_hf, ["--ckpt", ckpt, "--hf-config", hf], ckpt),
+        "megatron_to_hf --hf-config": (megatron_to_hf, ["--ckpt", ckpt, "--hf-config", hf], hf),
+    }
+    before = _tree_digest(root)
+    for label, (module, argv, src) in calls.items():
+        out = OVERLAPS[overlap](src)
+        for extra in ([], ["--overwrite"]):
+            code, _, err = _cli(capsys, module, *argv, "--out", out, *extra)
+            assert code == 2 and len(err) == 1, (label, extra, err)
+            assert "overlaps the input" in err[0] or ("exists" in err[0] and not extra), (label, extra, err)
+            assert _tree_digest(root) == before, f"{label} {overlap} {extra}: an input changed"
 
 
 def test_failure_midway_leaves_no_output(small, capsys, monkeypatch):

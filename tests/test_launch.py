@@ -165,7 +165,7 @@ def test_other_recipes_dry_run(name, cluster):
     assert "train --quiet --recipe recipes/demo.yaml run.dir=/runs/slurm-train algo.eps=0.5" in trainer
 
 
-def _run_trainer_script(text, tmp_path, restarts, run_dir_exists):
+def _run_trainer_script(text, tmp_path, restarts, run_dir_exists, checkpoint=False):
     """Runs the generated trainer script with stub python/torchrun; returns torchrun's arguments."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -177,6 +177,8 @@ def _run_trainer_script(text, tmp_path, restarts, run_dir_exists):
     if run_dir_exists:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text("run: {}\n")
+    if checkpoint:
+        (run_dir / "checkpoints" / "step_000020").mkdir(parents=True, exist_ok=True)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "NFT_TRAINER_HOST": "node-0", "SLURM_JOB_ID": "4242",
            "NFT_ROLLOUT_URLS": "http://node-1:30000,http://node-2:30000", "SLURM_RESTART_COUNT": str(restarts)}
     subprocess.run(["bash", "-c", trainer_script(text)], env=env, check=True)
@@ -191,12 +193,18 @@ def test_trainer_script_waits_for_servers_rendezvouses_and_resumes_after_requeue
                         "--rdzv-id=4242", "-m", "megatron_nft.cli", "train"]
     assert "rollout.urls=[http://node-1:30000,http://node-2:30000]" in args and args[-1] != "run.resume=true"
     assert args.index("algo.eps=0.5") > args.index("rollout.engine=sglang")  # the user's overrides come last
-    # a requeued job whose run directory exists continues it; a requeue before the first save starts afresh
-    args, _ = _run_trainer_script(text, tmp_path, restarts=1, run_dir_exists=True)
+    # a requeued job with a checkpoint continues its run; one whose run began but never saved starts that
+    # run again (a resume would refuse: nothing to resume); one that never began starts afresh
+    args, _ = _run_trainer_script(text, tmp_path, restarts=1, run_dir_exists=True, checkpoint=True)
     assert args[-1] == "run.resume=true"
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "paper-qwen2.5-math-7b-nft" / "checkpoints")
+    args, _ = _run_trainer_script(text, tmp_path, restarts=1, run_dir_exists=True)
+    assert args[-1] == "run.overwrite=true" and "run.resume=true" not in args
     (tmp_path / "runs" / "paper-qwen2.5-math-7b-nft" / "config.yaml").unlink()
     args, _ = _run_trainer_script(text, tmp_path, restarts=1, run_dir_exists=False)
-    assert "run.resume=true" not in args
+    assert "run.resume=true" not in args and "run.overwrite=true" not in args
 
 
 def test_launch_validates_the_trainer_config_before_generating_anything(cluster, capsys):

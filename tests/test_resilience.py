@@ -22,6 +22,7 @@ import torch
 
 from megatron_nft import checkpointing
 from megatron_nft.algorithms import truncated_is_weights
+from megatron_nft.cli import EXIT_STOPPED
 from megatron_nft.metrics import truncate_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +40,9 @@ def demo(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
+def finish(proc: subprocess.Popen, timeout: float = 900, returncode: int = 0) -> str:
     _, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == returncode, err[-3000:]
     return err
 
 
@@ -71,7 +72,7 @@ def test_interrupted_runs_resume_to_the_same_metrics(tmp_path):
     # 1. SIGTERM after checkpoint 1: the run finishes the step it is in, checkpoints it and exits cleanly
     wait_for_checkpoint(run_dir, 1, proc)
     proc.send_signal(signal.SIGTERM)
-    err = finish(proc)
+    err = finish(proc, returncode=EXIT_STOPPED)  # stopped, not finished: a distinct status
     assert "SIGTERM" in err and "run.resume=true" in err
     stopped = max(int(p.name.split("_")[1]) for p in checkpointing.checkpoint_dirs(run_dir))
     assert stopped < STEPS
@@ -114,11 +115,15 @@ def test_manifest_records_sizes_and_problems_are_named(tmp_path):
     (ckpt / "actor").mkdir(parents=True)
     (ckpt / "actor" / "shard.distcp").write_bytes(b"x" * 100)
     (ckpt / "trainer_state.json").write_text("{}")
-    files = {str(p.relative_to(ckpt)): p.stat().st_size for p in ckpt.rglob("*") if p.is_file()}
+    (ckpt / "rng_rank0.json").write_text("{}")
+    files = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "crc32": checkpointing.crc32(p)}
+             for p in ckpt.rglob("*") if p.is_file()}
     (ckpt / checkpointing.MANIFEST).write_text(json.dumps({"step": 3, "files": files}))
     (tmp_path / "checkpoints" / "step_000004.tmp").mkdir()  # half-written: ignored
     assert checkpointing.checkpoint_dirs(tmp_path) == [ckpt]
-    assert checkpointing.problem(ckpt) is None
+    assert checkpointing.problem(ckpt) is None and checkpointing.checksum_problem(ckpt) is None
+    (ckpt / "actor" / "shard.distcp").write_bytes(b"y" * 100)  # same size, other bytes
+    assert checkpointing.problem(ckpt) is None and "shard.distcp" in checkpointing.checksum_problem(ckpt)
     (ckpt / "actor" / "shard.distcp").write_bytes(b"x" * 10)
     assert "shard.distcp" in checkpointing.problem(ckpt) and "100" in checkpointing.problem(ckpt)
     (ckpt / "trainer_state.json").unlink()
