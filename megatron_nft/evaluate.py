@@ -1,7 +1,8 @@
 """Benchmark evaluation: avg@k accuracy tables like the NFT paper's, resumable problem by problem.
 
+    from megatron_nft.data.benchmarks import benchmark_file, load_benchmark
     from megatron_nft.evaluate import evaluate_benchmarks, paper_samples, paper_sampling
-    acc = evaluate_benchmarks(engine, tokenizer, {"aime24": load_benchmark(path)}, out_dir="eval/",
+    acc = evaluate_benchmarks(engine, tokenizer, {"aime24": load_benchmark(benchmark_file("aime24"))}, out_dir="eval/",
                               samples={"aime24": paper_samples("aime24")},
                               sampling=paper_sampling("7b", max_new_tokens=3584), max_prompt_len=512)
 
