@@ -145,3 +145,16 @@ def test_eval_takes_names_and_refuses_unknown_ones_in_one_line(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_model" in err[0] and "benchmark" not in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_shipped_files_are_package_data():
+    """pyproject.toml's package-data takes every file of the folder, so `pip install` users get them
+    (a wheel built from this tree was checked to hold the six files and the README)."""
+    import fnmatch
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["megatron_nft.data"]
+    shipped = sorted(str(f.relative_to(BENCHMARKS.parent)) for f in BENCHMARKS.iterdir())
+    assert len(shipped) == len(benchmark_names()) + 1
+    assert [f for f in shipped if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
