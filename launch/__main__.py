@@ -46,7 +46,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dryrun", action="store_true", help="print the generated sbatch / torchrun commands; submit nothing")
     p.add_argument("--no-validate", action="store_true", help="do not check the trainer config before launching")
     p.add_argument("--wait", action="store_true", help="Slurm: stay attached and tail the logs (local runs always wait)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="launch one job per value (repeat for a grid: one job per combination), each in its own "
+                   "run directory; KEY is any override (job.*, trainer keys)")
     return p
+
+
+def sweep_points(sweeps: list[str]) -> list[list[str]]:
+    """The grid of --sweep KEY=V1,V2 options as override lists (commas inside [...] belong to a value)."""
+    import itertools
+    import re
+
+    axes = []
+    for item in sweeps:
+        key, sep, values = item.partition("=")
+        if not sep or not key or key.startswith("cluster."):
+            raise ConfigError(f"--sweep {item!r}: expected KEY=V1,V2,... with a job.* or trainer key")
+        split = [v.strip() for v in re.split(r",(?![^\[]*\])", values)]
+        if not all(split):
+            raise ConfigError(f"--sweep {item!r}: an empty value")
+        axes.append([f"{key}={v}" for v in split])
+    return [list(point) for point in itertools.product(*axes)]
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -91,7 +111,24 @@ def validate_trainer(cfg) -> None:
             f"{model_parallel} ({recipe})"
         )
     if job.executor == "slurm":
+        wandb_offline = cfg.cluster.env.get("WANDB_MODE") in ("offline", "disabled")
+        if train.run.wandb_project and not wandb_offline and "WANDB_API_KEY" not in cfg.cluster.secret_env:
+            raise ConfigError(f"run.wandb_project={train.run.wandb_project}: W&B needs its key on the nodes: "
+                              f"cluster.secret_env=[WANDB_API_KEY] (exported where you submit), or cluster.env.WANDB_MODE=offline")
         _warn_if_uncommitted(path)
+
+
+def check_secrets(cfg) -> None:
+    """Secrets travel by name from the environment sbatch runs in: when that is this machine's, each
+    must be set here (over SSH it is the login shell's, which only the job can see)."""
+    import os
+
+    if cfg.job.executor != "slurm" or cfg.cluster.host:
+        return
+    missing = [name for name in cfg.cluster.secret_env if name not in os.environ]
+    if missing:
+        raise ConfigError(f"cluster.secret_env: {', '.join(missing)} not set in this environment "
+                          f"(the job takes them from sbatch's environment by name)")
 
 
 def _warn_if_uncommitted(path: Path) -> None:
@@ -116,21 +153,30 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.recipe:
             raise ConfigError("no recipe given: python -m launch RECIPE (see --list)")
-        cfg = resolve(args.recipe, args.cluster, args.overrides)
-        if not args.no_validate:
-            validate_trainer(cfg)
+        # every point is checked before the first is submitted: a bad value fails the sweep, not job 3
+        configs = [resolve(args.recipe, args.cluster, args.overrides + point) for point in sweep_points(args.sweep)]
+        if len({cfg.run_dir for cfg in configs}) < len(configs):
+            raise ConfigError("--sweep: two points share a run directory (a run.dir override, or repeated values)")
+        for cfg in configs:
+            if not args.no_validate:
+                validate_trainer(cfg)
+            if not args.dryrun:
+                check_secrets(cfg)
         from launch import experiment
 
         if args.dryrun:
-            print(experiment.dryrun(cfg))
+            print("\n\n".join(experiment.dryrun(cfg) for cfg in configs))
             return 0
-        detach = cfg.job.executor == "slurm" and not args.wait
-        exp_id, state = experiment.submit(cfg, detach=detach)
-        print(f"experiment {exp_id}: {state}; follow it with `nemo experiment status {exp_id}` and "
-              f"`nemo experiment logs {exp_id} 0`")
-        if cfg.job.executor == "slurm":
-            print(f"run directory (in the container): {cfg.run_dir}")
-        return 0 if detach or state == "SUCCEEDED" else 1
+        code = 0
+        for cfg in configs:
+            detach = cfg.job.executor == "slurm" and not args.wait
+            exp_id, state = experiment.submit(cfg, detach=detach)
+            print(f"experiment {exp_id}: {state}; follow it with `nemo experiment status {exp_id}` and "
+                  f"`nemo experiment logs {exp_id} 0`")
+            if cfg.job.executor == "slurm":
+                print(f"run directory (in the container): {cfg.run_dir}")
+            code = code or (0 if detach or state == "SUCCEEDED" else 1)
+        return code
     except UserError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return e.exit_code

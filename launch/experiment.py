@@ -21,9 +21,20 @@ def build(cfg: LaunchConfig) -> tuple[list, list]:
     job = cfg.job
     if job.executor == "local":
         return [local_trainer(cfg)], [local_executor(cfg)]
+    # --label: each line of the trainers' shared log names its node (torchrun's --tee names the rank)
+    if job.rollout_nodes and job.allocation == "single":
+        # one allocation of rollout + trainer nodes: each srun takes its nodes by position in the list
+        servers, trainers = job.rollout_nodes, job.trainer_nodes
+        tasks = [slurm_trainer(cfg, heterogeneous=False)]
+        executors = [slurm_executor(cfg, nodes=servers + trainers, main=True, srun_args=[
+            f"--nodes={trainers}", f"--ntasks={trainers}", f"--relative={servers}", "--label"])]
+        for i in range(servers):
+            tasks.append(sglang_server(cfg))
+            executors.append(slurm_executor(cfg, nodes=1, srun_args=["--nodes=1", "--ntasks=1", f"--relative={i}"]))
+        return tasks, executors
     het = job.rollout_nodes > 0
     tasks = [slurm_trainer(cfg, heterogeneous=het)]
-    executors = [slurm_executor(cfg, nodes=job.trainer_nodes, heterogeneous=het)]
+    executors = [slurm_executor(cfg, nodes=job.trainer_nodes, heterogeneous=het, main=True, srun_args=["--label"])]
     for _ in range(job.rollout_nodes):
         tasks.append(sglang_server(cfg))
         executors.append(slurm_executor(cfg, nodes=1, heterogeneous=True))
@@ -55,7 +66,7 @@ def dryrun(cfg: LaunchConfig) -> str:
         tasks = _add(exp, cfg)
         exp.dryrun(log=False)
         infos = _dryrun_infos(exp)
-    parts = [_describe(cfg)]
+    parts = [_describe(cfg), f"# run directory: {cfg.run_dir}"]
     for info in infos:
         parts.append(_local_command(info.request, cfg) if cfg.job.executor == "local" else repr(info.request))
     trainer = tasks[0]
@@ -63,6 +74,9 @@ def dryrun(cfg: LaunchConfig) -> str:
         script = f"{cfg.job.name}-0.sh" if len(tasks) > 1 else f"{cfg.job.name}.sh"  # NeMo-Run's naming
         parts.append(f"#----------------\n# trainer script (scripts/{script}, once per trainer node)\n"
                      f"#----------------\n{trainer.inline}")
+    if len(tasks) > 1:
+        parts.append(f"#----------------\n# server script (scripts/{cfg.job.name}-1.sh .. -{len(tasks) - 1}.sh, "
+                     f"one per rollout node)\n#----------------\n{tasks[1].inline}")
     return "\n\n".join(parts)
 
 
@@ -106,4 +120,9 @@ def _describe(cfg: LaunchConfig) -> str:
     what = f"{job.trainer_nodes} trainer node(s) x {job.gpus_per_node} processes"
     if job.rollout_nodes:
         what += f" + {job.rollout_nodes} SGLang node(s) (TP{job.rollout_tp} x DP{job.gpus_per_node // job.rollout_tp})"
+        if job.allocation == "single":
+            what += " in one allocation"
+    if job.server_gpus:
+        what = (f"1 node: {job.gpus_per_node - job.server_gpus} trainer processes + {job.server_gpus // job.rollout_tp} "
+                f"SGLang server(s) of TP{job.rollout_tp} on the last {job.server_gpus} GPUs")
     return f"# {job.name}: {job.description or job.command} -- {what}, executor {job.executor} (dry run: nothing submitted)"

@@ -217,6 +217,10 @@ class RunConfig:
     seed: int = 1234
     steps: int = 100
     save_every: int = 0  # 0: a checkpoint at the end only
+    # also a checkpoint once this much wall time has passed since the last one (0: off): a step can
+    # take hours, and a job's time limit or a node failure should not cost more than this much work
+    save_every_minutes: float = 0.0
+    wandb_project: str | None = None  # log metrics to this Weights & Biases project too (needs wandb)
     resume: bool = False
     overwrite: bool = False
     max_nonfinite_updates: int = 3  # this many NaN/Inf minibatch losses in a row stop the run

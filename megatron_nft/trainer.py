@@ -436,6 +436,25 @@ class StopRequested:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class TimedSaves:
+    """run.save_every_minutes: a checkpoint is due once that much wall time has passed since the last
+    one (or the start). Every rank reads its own clock; one all-reduce makes the earliest rank's
+    verdict every rank's, so all of them save at the same step."""
+
+    def __init__(self, minutes: float, clock=time.monotonic):
+        self.interval_s = minutes * 60.0
+        self.clock = clock
+        self.last = clock()
+
+    def due(self) -> bool:
+        if not self.interval_s:  # the same config on every rank: all skip the all-reduce together
+            return False
+        return any_rank(self.clock() - self.last >= self.interval_s)
+
+    def saved(self) -> None:
+        self.last = self.clock()
+
+
 def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     """Runs (or resumes) a training run described by `cfg`; returns the final metrics."""
     from tqdm import tqdm
@@ -508,7 +527,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     )
     grader = GradingPool(answer_format=cfg.reward.answer_format, timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers) if main else None
     scorer = Scorer(tokenizer, grader) if main else None
-    logger = MetricsLogger(run_dir, enabled=main, append=start_step > 0)
+    logger = MetricsLogger(run_dir, enabled=main, wandb_project=cfg.run.wandb_project, append=start_step > 0)
     sync_weights(actor, engine, version=start_step)
 
     def run_eval(step: int) -> float | None:
@@ -522,6 +541,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     last_accuracy = float("nan")
     nonfinite_streak = 0
     stop = StopRequested().install()
+    timed_saves = TimedSaves(cfg.run.save_every_minutes)
     try:
         if start_step == 0:
             acc = run_eval(0)
@@ -569,8 +589,10 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
                 last_accuracy = metrics["eval/accuracy"]
             bar.set_postfix(reward=f"{metrics['rollout/reward']:.2f}", heldout_acc=f"{last_accuracy:.2f}")
             stopping = stop.agreed()
-            if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or last or stopping:
+            timed_save = timed_saves.due()
+            if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or last or stopping or timed_save:
                 checkpointing.save(run_dir, actor, step + 1, {"step": step + 1, "cursor": cursor.state_dict()})
+                timed_saves.saved()
             final = {**final, **metrics}
             if stopping and not last:
                 if main:

@@ -14,7 +14,10 @@ import io
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -73,7 +76,17 @@ def sbatch_groups(script: str) -> list[dict[str, str]]:
 
 
 def trainer_script(text: str) -> str:
-    return text.split("# trainer script", 1)[1].split("#----------------\n", 1)[1]
+    return text.split("# trainer script", 1)[1].split("#----------------\n", 1)[1].split("\n\n#----------------")[0]
+
+
+def server_script(text: str) -> str:
+    return text.split("# server script", 1)[1].split("#----------------\n", 1)[1]
+
+
+def server_command(text: str) -> list[str]:
+    """The SGLang command line the server script runs (parsed by the shell's rules)."""
+    line = next(line for line in server_script(text).splitlines() if SGLANG_PYTHON in line)
+    return shlex.split(line)
 
 
 def expected_paper(name):
@@ -117,10 +130,13 @@ def test_paper_recipe_dry_run_is_a_heterogeneous_sbatch(name, cluster):
         assert "--container-image /lustre/images/megatron-nft.sqsh" in s
         assert "/lustre/models:/models,/lustre/runs:/runs" in s
     assert sruns[0].split(" & ")[0].endswith(f"bash /nemo_run/scripts/{cfg.job.name}-0.sh")
-    for s in sruns[1:]:
-        assert (f"{SGLANG_PYTHON} -m sglang.launch_server --model-path /models/{hf} --host 0.0.0.0 --port 30000 "
-                f"--tp-size {rollout_tp} --dp-size {8 // rollout_tp}") in s
-        assert s.split(" & ")[0].split("--mem-fraction-static ")[1].split()[1] == "--enable-deterministic-inference"
+    for i, s in enumerate(sruns[1:], start=1):
+        assert s.split(" & ")[0].endswith(f"bash /nemo_run/scripts/{cfg.job.name}-{i}.sh")
+    server = server_command(text)
+    assert server[:14] == [SGLANG_PYTHON, "-m", "sglang.launch_server", "--model-path", f"/models/{hf}", "--host",
+                           "0.0.0.0", "--port", "30000", "--tp-size", str(rollout_tp), "--dp-size", str(8 // rollout_tp),
+                           "--mem-fraction-static"]
+    assert server[15:] == ["--enable-deterministic-inference", "--random-seed", "1234"]
     assert "export HF_HUB_OFFLINE=1" in script
 
     # the exports, evaluated with stand-in hostnames for the het-group macros
@@ -133,7 +149,7 @@ def test_paper_recipe_dry_run_is_a_heterogeneous_sbatch(name, cluster):
     trainer = trainer_script(text)
     assert f"torchrun --nnodes={trainers} --nproc-per-node=8" in trainer
     assert f"--recipe recipes/paper/{model}-{algo}.yaml" in trainer
-    for arg in (f"model.hf_path=/models/{hf}", f"run.dir=/runs/{cfg.job.name}", "rollout.engine=sglang",
+    for arg in (f"model.hf_path=/models/{hf}", f"run.dir=/runs/{cfg.job.name}-{cfg.point}", "rollout.engine=sglang",
                 '"rollout.urls=[$NFT_ROLLOUT_URLS]"', "python -m launch.wait_for_servers",
                 f"rollout.server_tp_size={rollout_tp}", f"rollout.server_dp_size={8 // rollout_tp}"):
         assert arg in trainer, arg
@@ -162,49 +178,131 @@ def test_other_recipes_dry_run(name, cluster):
     assert "--het-group" not in srun and srun.endswith(f"bash /nemo_run/scripts/{cfg.job.name}.sh")
     trainer = trainer_script(text)
     assert "torchrun --nnodes=1 --nproc-per-node=4" in trainer and "wait_for_servers" not in trainer
-    assert "train --quiet --recipe recipes/demo.yaml run.dir=/runs/slurm-train algo.eps=0.5" in trainer
+    assert (f"train --quiet --recipe recipes/demo.yaml run.dir=/runs/slurm-train-{cfg.point} run.save_every_minutes=60 "
+            "algo.eps=0.5") in trainer
 
 
-def _run_trainer_script(text, tmp_path, restarts, run_dir_exists, checkpoint=False):
-    """Runs the generated trainer script with stub python/torchrun; returns torchrun's arguments."""
+STUB_TORCHRUN = """#!/bin/bash
+# torchrun's part here: record the arguments, start one training process and fail when it fails
+printf "%s\\n" "$@" > {out}/torchrun.args
+bash -c 'trap "echo TERM > {out}/worker.signal; exit 75" TERM; touch {out}/worker.ready; while :; do sleep 0.05; done' &
+wait $!
+code=$?
+echo $code > {out}/torchrun.code  # written only if USR1 did not kill this stand-in for torchrun
+[ $code -eq 0 ] || exit 1
+"""
+
+
+def _stubs(tmp_path, *, python_sleeps=False):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for tool in ("python", "torchrun"):
-        stub = bin_dir / tool
-        stub.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/{tool}.args\n')
-        stub.chmod(0o755)
-    run_dir = tmp_path / "runs" / "paper-qwen2.5-math-7b-nft"
+    (bin_dir / "torchrun").write_text(STUB_TORCHRUN.format(out=tmp_path))
+    wait = "touch {0}/python.ready; while :; do sleep 0.05; done\n".format(tmp_path) if python_sleeps else ""
+    (bin_dir / "python").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/python.args\n{wait}')
+    for tool in ("torchrun", "python"):
+        (bin_dir / tool).chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "NFT_TRAINER_HOST": "node-0", "SLURM_JOB_ID": "4242",
+            "NFT_ROLLOUT_URLS": "http://node-1:30000,http://node-2:30000"}
+
+
+def _prepare_run_dir(run_dir: Path, run_dir_exists: bool, checkpoint: bool) -> None:
     if run_dir_exists:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text("run: {}\n")
     if checkpoint:
         (run_dir / "checkpoints" / "step_000020").mkdir(parents=True, exist_ok=True)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "NFT_TRAINER_HOST": "node-0", "SLURM_JOB_ID": "4242",
-           "NFT_ROLLOUT_URLS": "http://node-1:30000,http://node-2:30000", "SLURM_RESTART_COUNT": str(restarts)}
-    subprocess.run(["bash", "-c", trainer_script(text)], env=env, check=True)
+
+
+def _run_trainer_script(text, tmp_path, restarts, run_dir, run_dir_exists, checkpoint=False):
+    """Runs the generated trainer script with stub python/torchrun (the stub training process ends on
+    its own at once); returns torchrun's and python's arguments."""
+    _prepare_run_dir(run_dir, run_dir_exists, checkpoint)
+    env = {**_stubs(tmp_path), "SLURM_RESTART_COUNT": str(restarts)}
+    script = trainer_script(text).replace("while :; do sleep 0.05; done", "")  # noqa: the stub worker's loop
+    (tmp_path / "bin" / "torchrun").write_text(STUB_TORCHRUN.format(out=tmp_path).replace("while :; do sleep 0.05; done", "true"))
+    subprocess.run(["bash", "-c", script], env=env, check=True)
     return (tmp_path / "torchrun.args").read_text().splitlines(), (tmp_path / "python.args").read_text().splitlines()
 
 
 def test_trainer_script_waits_for_servers_rendezvouses_and_resumes_after_requeue(cluster, tmp_path):
-    _, text = dry("paper/qwen2.5-math-7b-nft", cluster, f"cluster.runs_dir={tmp_path / 'runs'}", "algo.eps=0.5")
-    args, waited = _run_trainer_script(text, tmp_path, restarts=0, run_dir_exists=False)
+    cfg, text = dry("paper/qwen2.5-math-7b-nft", cluster, f"cluster.runs_dir={tmp_path / 'runs'}", "algo.eps=0.5")
+    run_dir = Path(cfg.run_dir)
+    args, waited = _run_trainer_script(text, tmp_path, 0, run_dir, run_dir_exists=False)
     assert waited == ["-m", "launch.wait_for_servers", "http://node-1:30000,http://node-2:30000", "--timeout", "3600"]
-    assert args[:8] == ["--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node-0:29500",
+    assert args[:9] == ["--nnodes=4", "--nproc-per-node=8", "--tee=3", "--rdzv-backend=c10d", "--rdzv-endpoint=node-0:29500",
                         "--rdzv-id=4242", "-m", "megatron_nft.cli", "train"]
     assert "rollout.urls=[http://node-1:30000,http://node-2:30000]" in args and args[-1] != "run.resume=true"
     assert args.index("algo.eps=0.5") > args.index("rollout.engine=sglang")  # the user's overrides come last
     # a requeued job with a checkpoint continues its run; one whose run began but never saved starts that
     # run again (a resume would refuse: nothing to resume); one that never began starts afresh
-    args, _ = _run_trainer_script(text, tmp_path, restarts=1, run_dir_exists=True, checkpoint=True)
+    args, _ = _run_trainer_script(text, tmp_path, 1, run_dir, run_dir_exists=True, checkpoint=True)
     assert args[-1] == "run.resume=true"
     import shutil
 
-    shutil.rmtree(tmp_path / "runs" / "paper-qwen2.5-math-7b-nft" / "checkpoints")
-    args, _ = _run_trainer_script(text, tmp_path, restarts=1, run_dir_exists=True)
+    shutil.rmtree(run_dir / "checkpoints")
+    args, _ = _run_trainer_script(text, tmp_path, 1, run_dir, run_dir_exists=True)
     assert args[-1] == "run.overwrite=true" and "run.resume=true" not in args
-    (tmp_path / "runs" / "paper-qwen2.5-math-7b-nft" / "config.yaml").unlink()
-    args, _ = _run_trainer_script(text, tmp_path, restarts=1, run_dir_exists=False)
+    (run_dir / "config.yaml").unlink()
+    args, _ = _run_trainer_script(text, tmp_path, 1, run_dir, run_dir_exists=False)
     assert "run.resume=true" not in args and "run.overwrite=true" not in args
+
+
+def _start_and_warn(text, tmp_path, ready: str, *, python_sleeps=False) -> subprocess.CompletedProcess:
+    """Starts the trainer script in its own process group, waits for `ready`, then sends SIGUSR1 to
+    every process of the group, as slurmstepd signals every process of a job step ahead of the limit."""
+    env = {**_stubs(tmp_path, python_sleeps=python_sleeps), "SLURM_RESTART_COUNT": "0"}
+    proc = subprocess.Popen(["bash", "-c", trainer_script(text)], env=env, start_new_session=True,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / ready).exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the stub never started"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the script's own trap is set right after the child starts
+    os.killpg(proc.pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=30)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+
+
+def test_time_limit_warning_stops_the_trainer_with_a_checkpoint_and_requeues(cluster, tmp_path):
+    cfg, text = dry("paper/qwen2.5-32b-nft", cluster, f"cluster.runs_dir={tmp_path / 'runs'}")
+    script = sbatch_script(text)
+    groups = sbatch_groups(script)
+    # Slurm warns every step one planned step + a checkpoint + the batch script's two polls ahead
+    # (NeMo-Run repeats the job's flags in every het component: the servers get it too, and ignore it)
+    assert {g["--signal"] for g in groups} == {f"USR1@{(150 + 5) * 60 + 180}"}
+    assert "export TORCHX_MAX_RETRIES=20" in script  # NeMo-Run's requeue on a non-zero exit, up to 20 times
+    assert "scontrol requeue" in script
+    run_dir = Path(cfg.run_dir)
+
+    # the warning arrives while training: the training process (not torchrun) gets SIGTERM, the
+    # script answers 75 when a checkpoint is there (the trainer wrote it after its step) ...
+    _prepare_run_dir(run_dir, True, checkpoint=True)
+    done = _start_and_warn(text, tmp_path, "worker.ready")
+    assert (tmp_path / "worker.signal").read_text().strip() == "TERM"
+    assert (tmp_path / "torchrun.code").read_text().strip() == "75"  # torchrun outlived the warning
+    assert done.returncode == 75, done.stderr
+    # ... and torchrun's own failure code without one (a crash on the way out is not a clean stop)
+    for name in ("worker.signal", "worker.ready"):
+        (tmp_path / name).unlink()
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints")
+    done = _start_and_warn(text, tmp_path, "worker.ready")
+    assert (tmp_path / "worker.signal").exists() and done.returncode == 1, done.stderr
+    # the warning arrives while the servers load: stop waiting, 75, the requeued job starts again
+    done = _start_and_warn(text, tmp_path, "python.ready", python_sleeps=True)
+    assert done.returncode == 75 and "time limit is near before training began" in done.stderr
+
+
+def test_job_time_must_leave_room_for_the_warning(cluster, capsys):
+    assert main(["paper/qwen2.5-32b-nft", "--cluster", cluster, "job.time=02:00:00", "--dryrun"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "job.time=02:00:00: shorter than the stop warning of 9480 s" in err[0]
+    # Slurm's other time formats read the same way
+    from launch.config import _time_limit_s
+
+    assert [_time_limit_s(t) for t in ("90", "90:30", "1-00", "1-02:03", "1-02:03:04", "24:00:00")] == [
+        5400, 5430, 86400, 93780, 93784, 86400]
 
 
 def test_launch_validates_the_trainer_config_before_generating_anything(cluster, capsys):
@@ -339,3 +437,209 @@ def test_paper_runs_fit_their_gpus_per_the_planner(name):
                           rollout_tp=job["rollout_tp"])
     result = P.plan_layout(P.model_shape(cfg.model.hf_path.rsplit("/", 1)[1]), work, layout, settings)
     assert result.fits, (str(layout), result.problems)
+
+
+def test_sglang_servers_restart_in_place_and_ignore_the_warning(cluster, tmp_path):
+    _, text = dry("paper/qwen2.5-math-7b-nft", cluster, "job.server_restarts=2",
+                  'job.server_args=["--max-running-requests","256"]', "job.rollout_seed=7")
+    assert server_command(text)[-4:] == ["--random-seed", "7", "--max-running-requests", "256"]
+    # the generated supervisor, with a stand-in SGLang that fails twice, then serves until killed
+    stub = tmp_path / "sglang"
+    stub.write_text(f"#!/bin/bash\necho start >> {tmp_path}/starts\n"
+                    f"[ $(wc -l < {tmp_path}/starts) -le 2 ] && exit 3\ntouch {tmp_path}/serving\n"
+                    "while :; do sleep 0.05; done\n")
+    stub.chmod(0o755)
+    script = server_script(text).replace(SGLANG_PYTHON, str(stub)).replace("sleep 10", "sleep 0")
+    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "serving").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGUSR1)  # the time-limit warning reaches every process of the step
+        time.sleep(0.5)
+        assert proc.poll() is None, "the warning stopped a server"
+        assert (tmp_path / "starts").read_text().count("start") == 3
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # a server that keeps failing ends its srun after its restarts (and NeMo-Run's monitor the job)
+    stub.write_text("#!/bin/bash\nexit 3\n")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3 and "2 restart(s) used, giving up" in done.stderr
+
+
+def test_cluster_environment_secrets_and_logs(cluster, tmp_path, monkeypatch, capsys):
+    secret = "s3cret-value-never-written"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    cfg, text = dry("paper/qwen2.5-math-7b-nft", cluster, "cluster.secret_env=[WANDB_API_KEY]",
+                    "cluster.network_interface=ib0", "cluster.local_cache_dir=/local", "run.wandb_project=nft")
+    script = sbatch_script(text)
+    assert secret not in text
+    sruns = [line for line in script.splitlines() if line.startswith("srun --het-group")]
+    for s in sruns:
+        assert "--container-env WANDB_API_KEY" in s and "--no-container-mount-home" in s
+    assert "--label" in sruns[0].split(" & ")[0] and "--label" not in sruns[1]  # 4 nodes x 8 ranks, one log
+    hosts = "SLURM_JOB_ID=77\n"
+    exports = "\n".join(line for line in script.splitlines() if line.startswith("export "))
+    shown = subprocess.run(["bash", "-c", hosts + exports + "\nenv"], capture_output=True, text=True, check=True,
+                           env={"PATH": "/usr/bin:/bin"}).stdout
+    env = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+    assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "ib0"
+    for key, sub in (("TRITON_CACHE_DIR", "triton"), ("FLASHINFER_WORKSPACE_BASE", "flashinfer"),
+                     ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("XDG_CACHE_HOME", "xdg")):
+        assert env[key] == f"/local/megatron-nft-77/{sub}", key
+    assert "WANDB_API_KEY" not in env
+    assert "run.wandb_project=nft" in trainer_script(text)
+    # a credential by value, or W&B without its key, stops the launch in one line
+    cases = [
+        (["cluster.env={WANDB_API_KEY: abc}"], "cluster.env.WANDB_API_KEY: a credential's value would be written"),
+        (["run.wandb_project=nft"], "run.wandb_project=nft: W&B needs its key on the nodes"),
+        (["cluster.secret_env=[HF_TOKEN]"], "cluster.secret_env: HF_TOKEN not set in this environment"),
+    ]
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("launch.experiment.submit", lambda *a, **k: pytest.fail("submitted"))
+    for overrides, message in cases:
+        dry_flag = [] if "HF_TOKEN" in overrides[0] else ["--dryrun"]
+        assert main(["paper/qwen2.5-math-7b-nft", "--cluster", cluster, *overrides, *dry_flag]) == 2, overrides
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (overrides, err)
+
+
+def test_one_node_recipes_keep_trainer_and_server_gpus_apart(cluster):
+    from megatron_nft.config import load_config
+    from megatron_nft.rollout.servers import gpu_groups
+
+    recipe = "recipes/paper/qwen2.5-math-7b-nft.yaml"
+    cfg, text = dry("slurm/one-node", cluster, f"job.train_recipe={recipe}")
+    script = sbatch_script(text)
+    (group,) = sbatch_groups(script)
+    assert group["--nodes"] == "1" and group["--gpus-per-node"] == "8" and "hetjob" not in script
+    trainer = trainer_script(text)
+    assert "torchrun --nnodes=1 --nproc-per-node=4 " in trainer and "wait_for_servers" not in trainer
+    args = shlex.split(trainer.split("set -- ", 1)[1].splitlines()[0])
+    assert f"rollout.sglang_python={SGLANG_PYTHON}" in args
+    # the trainer's own config loader and server placement accept the split: 4 ranks on GPUs 0-3, four
+    # TP1 servers on 4-7 (gpu_groups refuses any overlap with the trainer's local ranks)
+    train = load_config(REPO / recipe, [a for a in args if "=" in a and not a.startswith("run.dir")])
+    r = train.rollout
+    assert r.engine == "sglang" and not r.urls and r.server_dp_size == 1
+    visible = "0,1,2,3,4,5,6,7"
+    assert gpu_groups(r.num_servers, r.server_tp_size, trainer_gpus=4, server_gpus=r.server_gpus,
+                      visible=visible) == ["4", "5", "6", "7"]
+    assert r.server_args == ["--random-seed", "1234"]
+    # TP2 servers: two of them on the same four GPUs
+    _, text = dry("slurm/one-node", cluster, f"job.train_recipe={recipe}", "job.rollout_tp=2")
+    args = shlex.split(trainer_script(text).split("set -- ", 1)[1].splitlines()[0])
+    r = load_config(REPO / recipe, [a for a in args if "=" in a and not a.startswith("run.dir")]).rollout
+    assert gpu_groups(r.num_servers, r.server_tp_size, trainer_gpus=4, server_gpus=r.server_gpus,
+                      visible=visible) == ["4,5", "6,7"]
+    # locally (a GPU workstation): the same split under NeMo-Run's torchrun
+    _, text = dry("local/one-node", cluster, f"job.train_recipe={recipe}")
+    (command,) = [line for line in text.splitlines() if line.startswith("cd ")]
+    assert "--nnodes 1 --nproc-per-node 4" in command and "rollout.server_gpus=[4,5,6,7]" in command
+    assert "rollout.sglang_python" not in command
+
+
+def test_single_allocation_variant_of_the_paper_runs(cluster):
+    cfg, text = dry("paper/qwen2.5-math-7b-nft", cluster, "job.allocation=single")
+    script = sbatch_script(text)
+    (group,) = sbatch_groups(script)
+    assert group["--nodes"] == "8" and "hetjob" not in script and "--het-group" not in script
+    sruns = [line.split(" & ")[0] for line in script.splitlines() if line.startswith("srun --output")]
+    assert "--nodes=4 --ntasks=4 --relative=4" in sruns[0] and sruns[0].endswith(f"{cfg.job.name}-0.sh")
+    for i, s in enumerate(sruns[1:]):
+        assert f"--nodes=1 --ntasks=1 --relative={i}" in s  # the first four nodes serve
+    nodes = "nodes=(n0 n1 n2 n3 n4 n5 n6 n7)\n"
+    exports = "\n".join(line for line in script.splitlines() if line.startswith("export NFT_"))
+    shown = subprocess.run(["bash", "-c", nodes + exports + '\necho "$NFT_TRAINER_HOST|$NFT_ROLLOUT_URLS"'],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert shown == "n4|" + ",".join(f"http://n{i}:30000" for i in range(4))
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_sweep_points_get_their_own_run_directories(cluster, capsys):
+    from launch.__main__ import sweep_points
+
+    assert sweep_points(["a.b=1,2", "job.x=[1,2],[3]"]) == [
+        ["a.b=1", "job.x=[1,2]"], ["a.b=1", "job.x=[3]"], ["a.b=2", "job.x=[1,2]"], ["a.b=2", "job.x=[3]"]]
+    assert main(["paper/qwen2.5-math-7b-nft", "--cluster", cluster, "--dryrun",
+                 "--sweep", "rollout.max_new_tokens=1024,2048", "--sweep", "job.trainer_nodes=4,8"]) == 0
+    out = capsys.readouterr().out
+    dirs = re.findall(r"^# run directory: (\S+)$", out, flags=re.M)
+    assert len(dirs) == 4 == len(set(dirs)) and all(d.startswith("/runs/paper-qwen2.5-math-7b-nft-") for d in dirs)
+    assert len(re.findall(r"^sbatch --requeue", out, flags=re.M)) == 4
+    # the same configuration lands in the same directory; resuming or saving more often is the same run
+    same = [resolve("paper/qwen2.5-math-7b-nft", cluster, o).run_dir for o in
+            (["rollout.max_new_tokens=1024"], ["rollout.max_new_tokens=1024", "run.resume=true", "run.save_every=5"])]
+    assert same[0] == same[1] and same[0] in dirs
+    # every point is checked before anything is generated
+    assert main(["paper/qwen2.5-math-7b-nft", "--cluster", cluster, "--dryrun", "--sweep", "algo.eps=0.5,x"]) == 2
+    assert "algo.eps" in capsys.readouterr().err
+    assert main(["paper/qwen2.5-math-7b-nft", "--cluster", cluster, "--dryrun", "--sweep", "cluster.qos=a,b"]) == 2
+    assert "--sweep 'cluster.qos=a,b': expected KEY=V1,V2" in capsys.readouterr().err
+
+
+def _timed_saves_worker(rank, world_size):
+    from megatron_nft import runtime
+    from megatron_nft.trainer import TimedSaves
+
+    runtime.init_process_group()
+    now = [0.0]
+    minutes_per_step = (4.0, 1.0)[rank]  # rank 0's steps look longer: its clock decides first
+    saves = TimedSaves(10.0, clock=lambda: now[0] * 60.0)
+    saved_at = []
+    for step in range(1, 9):
+        now[0] += minutes_per_step
+        if saves.due():
+            saves.saved()
+            saved_at.append(step)
+    return saved_at
+
+
+def test_checkpoints_by_wall_time_are_agreed_by_every_rank():
+    from megatron_nft.testing import run_distributed
+    from megatron_nft.trainer import TimedSaves
+
+    # the reference: rank 0's clock alone passes 10 minutes at steps 3 (12 min) and 6 (24 min)
+    assert run_distributed(_timed_saves_worker, 2) == [[3, 6], [3, 6]]
+    never = TimedSaves(0.0, clock=lambda: 1e9)
+    assert not never.due()
+
+
+FAKE_WANDB = '''
+import json, os
+_path = os.path.join(os.environ["FAKE_WANDB_OUT"], "wandb.jsonl")
+class _Run:
+    def log(self, data, step=None):
+        with open(_path, "a") as f:
+            f.write(json.dumps({"step": step, "keys": sorted(data)}) + "\\n")
+    def finish(self):
+        pass
+def init(project=None, dir=None, **_):
+    with open(_path, "a") as f:
+        f.write(json.dumps({"init": project}) + "\\n")
+    return _Run()
+'''
+
+
+@pytest.mark.slow
+def test_wall_time_checkpoints_and_wandb_in_a_real_run(tmp_path):
+    """The loop saves on wall time alone (save_every=0: without run.save_every_minutes only the last step
+    would be saved) and logs to W&B when run.wandb_project is set (a stand-in wandb module records it)."""
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "wandb.py").write_text(FAKE_WANDB)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(fake), "FAKE_WANDB_OUT": str(tmp_path)}
+    small = ["warmup.steps=10", "data.n_train=100", "data.n_eval=4", "data.max_operand=9", "model.hidden_size=32",
+             "model.num_layers=1", "model.intermediate_size=64", "rollout.prompts_per_step=4", "rollout.gen_prompts=8",
+             "rollout.samples_per_prompt=2", "algo.num_minibatches=1", "eval.samples=1", "eval.every=0", "run.steps=3",
+             "reward.workers=1", "run.save_every=0", "run.save_every_minutes=0.0001", "run.wandb_project=nft-test"]
+    import sys
+
+    subprocess.run([sys.executable, "-m", "megatron_nft.cli", "demo", "--quiet", f"run.dir={run_dir}", *small],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=900)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [f"step_00000{i}" for i in (1, 2, 3)]
+    records = [json.loads(line) for line in (tmp_path / "wandb.jsonl").read_text().splitlines()]
+    assert records[0] == {"init": "nft-test"} and [r["step"] for r in records[1:]] == [0, 1, 2, 3]
