@@ -314,6 +314,9 @@ class _RankUserError(UserError):
 
 
 def _rank_entry(rank, world_size, port, threads, fn, args, results):
+    from megatron_nft.parent_death import die_with_parent
+
+    die_with_parent()  # a killed tool leaves no rank behind
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),

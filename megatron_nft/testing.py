@@ -25,6 +25,9 @@ from megatron_nft.runtime import free_port
 
 
 def _entry(rank, world_size, port, fn, args, results, strict=True):
+    from megatron_nft.parent_death import die_with_parent
+
+    die_with_parent()  # a test process killed mid-run leaves no rank behind
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),

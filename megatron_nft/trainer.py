@@ -11,6 +11,7 @@ as long as the rollout takes), so all ranks feed Megatron the same global batch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import sys
@@ -566,9 +567,12 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
                 for flag in nonfinite:
                     nonfinite_streak = nonfinite_streak + 1 if flag else 0
                     if nonfinite_streak >= cfg.run.max_nonfinite_updates:
-                        saved = run_dir / f"nonfinite_step_{step + 1:06d}.pt"
-                        if main:
-                            torch.save({"prompts": rollout.prompts, "completions": rollout.completions, "rewards": rollout.rewards}, saved)
+                        saved = run_dir / f"nonfinite_step_{step + 1:06d}.json"
+                        if main:  # JSON, like everything the project writes for people to read back
+                            write_atomically(saved, json.dumps({
+                                "prompts": [dataclasses.asdict(p) for p in rollout.prompts],
+                                "completions": [dataclasses.asdict(c) for c in rollout.completions],
+                                "rewards": rollout.rewards}))
                         logger.log(step + 1, metrics)
                         raise TrainingDiverged(
                             f"step {step + 1}: {nonfinite_streak} minibatch updates in a row had a non-finite loss or "

@@ -328,3 +328,53 @@ def test_every_benchmark_gold_respelt_grades_one(pool, grader):
     scores = pool.score(["\\boxed{" + r + "}" for r in respelt], [g for _, g in golds], grader=grader, answer_format="boxed")
     failures = [(name, g, r) for (name, g), r, s in zip(golds, respelt, scores) if s != 1.0]
     assert failures == [], failures
+
+
+# ---------------------------------------------------------------------------------------------------
+# a broken pool is never a batch of zeros (#14 item 10)
+
+
+def test_a_pool_whose_workers_cannot_start_raises_instead_of_scoring_zero():
+    """A program read from stdin: the workers' start method cannot re-import it, every worker dies."""
+    code = 'from megatron_nft.reward import score_batch\nprint(score_batch(["\\\\boxed{2}"], ["2"], workers=1))\n'
+    out = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert out.returncode != 0 and "[0.0]" not in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "GradingPoolBroken" in out.stderr and "restarted" in out.stderr and "run it from a file" in out.stderr
+
+
+def test_workers_killed_for_every_answer_raise_after_one_restart_and_one_bad_answer_does_not(tmp_path):
+    script = tmp_path / "grade.py"
+    script.write_text(textwrap.dedent(
+        """
+        import os
+
+        def dies(gold, answer):  # the OOM killer, for every worker
+            os._exit(9)
+
+        def dies_on_7(gold, answer):  # one pathological answer
+            if answer == "7":
+                os._exit(9)
+            return 1.0 if answer == gold else 0.0
+
+        def main():
+            from megatron_nft.reward import GradingPool, GradingPoolBroken, register_grader
+            register_grader("dies", dies)
+            register_grader("dies_on_7", dies_on_7)
+            with GradingPool(workers=1, timeout_s=30) as pool:
+                print(pool.score(["Answer: 2", "Answer: 7", "Answer: 3"], ["2", "2", "3"], grader="dies_on_7"))
+                print(pool.last_stats["errors"], pool.last_stats["restarts"])
+                try:
+                    pool.score(["Answer: 2", "Answer: 3"], ["2", "3"], grader="dies")
+                    print("no error")
+                except GradingPoolBroken as e:
+                    print("broken:", e)
+
+        if __name__ == "__main__":
+            main()
+        """
+    ))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "[1.0, 0.0, 1.0]" and lines[1] == "1 0", out.stdout  # one item error, no restart
+    assert lines[2].startswith("broken: grading: all 2 answers failed twice") and "ProcessExpired" in lines[2], out.stdout

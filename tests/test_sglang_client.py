@@ -424,6 +424,27 @@ def test_server_killed_mid_rollout_loses_nothing(engine, models):
     assert sum(s.requests_ok for s in stats.values()) == len(prompts)  # each prompt answered once
     assert_matches_model(out, prompts, models[0])
 
+    # the server restarted in place (its launch weights: model A) rejoins at the next weight sync, which
+    # gives it the current weights (model B) before it answers anything
+    from megatron_nft.rollout.control import wait_healthy
+    from megatron_nft.rollout.servers import launch_server, local_server_command
+
+    port = int(victim.url.rsplit(":", 1)[1])
+    restarted = launch_server(local_server_command(str(models[2]), port=port, extra_args=["--threads", "1"]), victim.url,
+                              Path(victim.log_path).with_suffix(".restart.log"))
+    try:
+        wait_healthy([victim.url], timeout_s=120, alive=lambda _: restarted.check_alive())
+        assert victim.url not in engine.live_urls  # not mid-rollout: only at a sync
+        engine.update_weights(models[1].named_parameters(), version=2)
+        assert engine.rejoined == [victim.url] and victim.url in engine.live_urls
+        out = engine.generate(prompts[:8], SamplingParams(max_new_tokens=10, n=2))
+        served = {s.url: s.requests_ok for s in engine.last_stats.servers}
+        assert served[victim.url] >= 1  # the rejoined server took its share
+        assert all(c.weight_version == 2 for c in out)
+        assert_matches_model(out, prompts[:8], models[1])
+    finally:
+        restarted.stop()
+
 
 # ----------------------------------------------------------------------------------------------------
 # a real SGLang server (GPU machines with sglang installed)

@@ -9,6 +9,7 @@ Importing this package is cheap (no torch, no sympy); math-verify loads in the g
 from megatron_nft.reward.extract import ANSWER_FORMATS, MAX_ANSWER_CHARS, extract_answer
 from megatron_nft.reward.grading import (
     GradingPool,
+    GradingPoolBroken,
     apply_truncation,
     get_grader,
     grader_names,
@@ -23,6 +24,7 @@ __all__ = [
     "ANSWER_FORMATS",
     "MAX_ANSWER_CHARS",
     "GradingPool",
+    "GradingPoolBroken",
     "apply_truncation",
     "extract_answer",
     "get_grader",

@@ -169,6 +169,9 @@ register_grader("math_verify", math_verify_grader)
 
 
 def _worker_init() -> None:
+    from megatron_nft.parent_death import die_with_parent
+
+    die_with_parent()  # a SIGKILLed trainer leaves no worker behind (the fork server exits with it)
     # pebble's worker handles SIGTERM in Python, and a Python handler cannot run while the worker sits
     # in a long C call that does not poll for signals: pebble would then wait its 3 s term_timeout
     # before SIGKILL. A worker holds no state worth cleaning up: take the default action, die at once.
@@ -270,6 +273,36 @@ class GradingPool:
     def closed(self) -> bool:
         return self._pool is None
 
+    def _restart(self) -> None:
+        old, self._pool = self._pool, pebble.ProcessPool(max_workers=self.workers, initializer=_worker_init,
+                                                         context=_mp_context())
+        old.stop()
+        old.join()
+
+    def _grade(self, pairs: dict, grade_fn, timeout_s: float, scores: list[float]) -> tuple[int, list[BaseException]]:
+        """Grades every distinct pair in the pool, writing scores; returns (timeouts, the failures)."""
+        futures = [
+            self._pool.schedule(_grade_task, args=(grade_fn, gold, answer), timeout=timeout_s)
+            for gold, answer in pairs
+        ]
+        timeouts, failures = 0, []
+        try:
+            for future, index in zip(futures, pairs.values()):
+                try:
+                    value = future.result()
+                except FutureTimeoutError:
+                    timeouts += 1
+                    continue
+                except Exception as e:  # ProcessExpired (worker crashed/OOM-killed), a broken pool, a grader bug
+                    failures.append(e)
+                    continue
+                for i in index:
+                    scores[i] = value
+        finally:
+            for future in futures:  # on KeyboardInterrupt & co: do not leave work queued
+                future.cancel()
+        return timeouts, failures
+
     def score(
         self,
         responses: Sequence[str],
@@ -312,28 +345,24 @@ class GradingPool:
             if key not in refused:
                 pairs.setdefault(key, []).append(i)
 
-        futures = [
-            self._pool.schedule(_grade_task, args=(grade_fn, gold, answer), timeout=timeout_s)
-            for gold, answer in pairs
-        ]
-        timeouts = errors = 0
-        try:
-            for future, index in zip(futures, pairs.values()):
-                try:
-                    value = future.result()
-                except FutureTimeoutError:
-                    timeouts += 1
-                    continue
-                except Exception as e:  # ProcessExpired (worker crashed/OOM-killed) or a grader bug
-                    errors += 1
-                    if errors == 1:
-                        logger.warning("grading error (item scored 0): %s: %s", type(e).__name__, e)
-                    continue
-                for i in index:
-                    scores[i] = value
-        finally:
-            for future in futures:  # on KeyboardInterrupt & co: do not leave work queued
-                future.cancel()
+        timeouts, failures = self._grade(pairs, grade_fn, timeout_s, scores)
+        restarts = 0
+        if pairs and len(failures) == len(pairs) and all(map(_is_pool_failure, failures)):
+            # Not one answer graded: the pool itself is broken (its workers cannot start, or were all
+            # killed, by the OOM killer say), not the answers. Scoring the batch 0 would train on
+            # all-wrong rewards: start a new pool and try once more, then give up loudly.
+            logger.warning("grading: all %d answers failed (%s); restarting the worker pool", len(pairs), _describe(failures[0]))
+            self._restart()
+            restarts = 1
+            timeouts, failures = self._grade(pairs, grade_fn, timeout_s, scores)
+            if len(failures) == len(pairs) and all(map(_is_pool_failure, failures)):
+                raise GradingPoolBroken(
+                    f"grading: all {len(pairs)} answers failed twice, the worker pool restarted in between "
+                    f"({_describe(failures[0])}){_start_hint(failures[0])}"
+                )
+        errors = len(failures)
+        if errors:
+            logger.warning("grading error (%d items scored 0): %s", errors, _describe(failures[0]))
 
         self.last_stats = {
             "responses": len(responses),
@@ -342,6 +371,7 @@ class GradingPool:
             "graded": len(pairs),
             "timeouts": timeouts,
             "errors": errors,
+            "restarts": restarts,
             "seconds": time.perf_counter() - start,
         }
         if refused:
@@ -349,6 +379,31 @@ class GradingPool:
         if timeouts:
             logger.warning("%d of %d graded answers hit the %.3g s timeout and scored 0", timeouts, len(pairs), timeout_s)
         return scores
+
+
+class GradingPoolBroken(RuntimeError):
+    """The grading workers fail every answer, even after a restart of the pool."""
+
+
+def _is_pool_failure(e: BaseException) -> bool:
+    """A worker that died or a pool that broke, as opposed to a grader raising on an answer."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    return isinstance(e, (pebble.ProcessExpired, BrokenProcessPool, EOFError, BrokenPipeError))
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def _start_hint(e: BaseException) -> str:
+    import sys
+
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.isfile(main_file):
+        return (f"; the workers' start method re-imports the main program, and {main_file!r} is not a file "
+                f"(a program read from stdin or -c): run it from a file")
+    return ""
 
 
 _POOLS: dict[int | None, GradingPool] = {}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_nft.errors import ConfigError
+from megatron_nft.parent_death import preexec_die_with_parent
 from megatron_nft.runtime import free_port
 
 
@@ -138,8 +139,10 @@ def launch_server(cmd: list[str], url: str, log_path: str | Path, env: dict | No
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        # Its own session (stop() signals the whole group); killed by the kernel if this process dies
+        # (even by SIGKILL): call from the main thread, which lives as long as the servers should.
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=preexec_die_with_parent)
     return ServerProcess(url=url, process=process, log_path=log_path)
 
 

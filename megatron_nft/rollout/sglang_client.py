@@ -9,9 +9,12 @@ servers with at most `max_concurrency` requests in flight on each: a worker pool
 prompts from one shared queue, so faster servers take more. Failures:
   - connection errors, HTTP 5xx, a request past its deadline or an aborted request are retried on
     the same server with exponential back-off, up to `max_retries` times;
-  - then the server is dropped for good (for this engine) and the prompt goes back to the queue for
-    the others. A prompt's result is recorded once, when its first complete answer arrives, so a
-    re-sent prompt is never counted twice; with every server dropped, generate raises.
+  - then the server is dropped and the prompt goes back to the queue for the others. A prompt's
+    result is recorded once, when its first complete answer arrives, so a re-sent prompt is never
+    counted twice; with every server dropped, generate raises.
+  - a dropped server whose /health answers again (restarted in place) rejoins at the next weight
+    sync, which gives it the current weights first (never mid-rollout: it would serve stale ones).
+    Not with the NCCL transport, whose process group was built for a fixed set of servers.
   - HTTP 4xx (a request the server will never accept) and malformed answers raise at once.
 
 Every Completion carries the weight version the server reported for it.
@@ -95,6 +98,7 @@ class SGLangEngine(RolloutEngine):
         self._version = -1
         self.last_stats = GenerateStats()
         self.last_sync: SyncReport | None = None
+        self.rejoined: list[str] = []  # servers taken back at the last weight sync
 
     # ------------------------------------------------------------------------------------------------
 
@@ -124,8 +128,18 @@ class SGLangEngine(RolloutEngine):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         if self.transport is None:
             raise RuntimeError("SGLangEngine.update_weights: no weight transport configured")
-        self.last_sync = sync_weights(self.live_urls, named_tensors, version, self.transport, bucket_bytes=self.bucket_bytes)
+        back = self._recovered() if self.transport.name != "nccl" else []
+        self.last_sync = sync_weights(self.live_urls + back, named_tensors, version, self.transport,
+                                      bucket_bytes=self.bucket_bytes)
+        for url in back:  # they hold the current weights now
+            self._alive[url] = True
+        self.rejoined = back
         self._version = version
+
+    def _recovered(self) -> list[str]:
+        """Dropped servers that answer /health again."""
+        dropped = [u for u in self.urls if not self._alive[u]]
+        return [u for u in dropped if _answers_health(u)] if dropped else []
 
     def close(self) -> None:
         if self.transport is not None:
@@ -254,3 +268,17 @@ class SGLangEngine(RolloutEngine):
             return protocol.parse_generate_response(payload, 1, n)[0]
         except protocol.AbortedError as e:
             raise _Retriable(str(e)) from None
+
+
+def _answers_health(url: str, timeout_s: float = 5.0) -> bool:
+    import aiohttp
+
+    async def probe():
+        async with aiohttp.ClientSession() as session:
+            status, _ = await request_json(session, "GET", url + "/health", timeout_s=timeout_s)
+            return status == 200
+
+    try:
+        return asyncio.run(probe())
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return False
