@@ -1,6 +1,6 @@
 # megatron-nft for GPU clusters: NVIDIA's PyTorch image (CUDA, cuDNN, NCCL, Transformer Engine and apex,
-# all built against the image's own torch) + pinned megatron-core, nemo-run, math-verify, this package,
-# and SGLang in a virtual environment of its own.
+# all built against the image's own torch) + the locked trainer stack (docker/requirements.lock), this
+# package, and SGLang in a virtual environment of its own.
 #
 #   docker build -t megatron-nft:0.1.0 .
 #   enroot import -o megatron-nft.sqsh dockerd://megatron-nft:0.1.0     # for Slurm + pyxis (cluster.container_image)
@@ -9,49 +9,61 @@
 # Everything is installed at build time; a running container needs no network (HF_HUB_OFFLINE=1: models
 # come from a mount, cluster.models_dir).
 
-# megatron-core 0.19 needs Python >= 3.12: NGC PyTorch 25.01 and later (Ubuntu 24.04) ship it.
+# megatron-core 0.19 needs Python >= 3.12: NGC PyTorch 25.01 and later (Ubuntu 24.04) ship it. For a
+# reproducible build, pin the tag's digest: --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3@sha256:...
+# (`docker buildx imagetools inspect nvcr.io/nvidia/pytorch:25.10-py3` prints it).
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3
 FROM ${BASE_IMAGE}
-
-# The same pins as pyproject.toml (tests/test_launch.py checks that they agree).
-ARG MEGATRON_CORE_VERSION=0.19.2
-ARG NEMO_RUN_VERSION=0.11.1
-ARG LEPTONAI_VERSION=0.27.3
-ARG MATH_VERIFY_VERSION=0.9.0
+ARG BASE_IMAGE
+# The trainer's versions are in docker/requirements.lock (tests/test_docker.py checks them against
+# pyproject.toml and the CPU test environment); SGLang's is the one its stand-ins were checked against.
 ARG SGLANG_VERSION=0.5.23
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 
-# 1. Freeze what the base image built together: nothing installed below may replace its torch, TE,
-#    apex or flash-attn (a PyPI torch would break their compiled extensions).
-RUN python -c "import sys; assert sys.version_info >= (3, 12), 'megatron-core ${MEGATRON_CORE_VERSION} needs Python >= 3.12; base image has ' + sys.version" \
- && pip list --format=freeze | grep -iE '^(torch|torchvision|transformer[-_]engine|apex|flash[-_]attn|triton)==' > /opt/base-constraints.txt \
- && cat /opt/base-constraints.txt
+# 1. What the base image built together stays: NGC PyTorch images (25.03 and later) pin every package
+#    they ship (torch, Transformer Engine, apex, flash-attn, numpy, ...) in a pip constraints file that
+#    every pip in the image obeys (PIP_CONSTRAINT or the global pip configuration). The trainer's
+#    packages are installed under it; a PyPI torch would break the compiled extensions.
+RUN python -c "import sys; assert sys.version_info >= (3, 12), 'megatron-core 0.19 needs Python >= 3.12; base image has ' + sys.version" \
+ && constraints="${PIP_CONSTRAINT:-$(pip config get global.constraint 2>/dev/null || true)}" \
+ && if [ ! -f "${constraints}" ]; then echo "Dockerfile: the base image ${BASE_IMAGE} has no pip constraints file (NGC PyTorch 25.03 or later expected)" >&2; exit 1; fi \
+ && ln -sf "${constraints}" /opt/base-image-constraints.txt \
+ && grep -iE '^(torch|transformer[-_]engine|flash[-_]attn|apex|numpy)[=<>]' /opt/base-image-constraints.txt || true
 
-# 2. The trainer and the launcher, against the base image's torch. Dependencies first (a layer that
-#    survives code edits), then the package itself without dependencies.
+# 2. The trainer and the launcher, against the base image's torch: the lock file (the versions the
+#    CPU tests ran) less what the image pins otherwise (lock_filter names each such line). Dependencies
+#    first (a layer that survives code edits), then the package itself without dependencies.
 COPY pyproject.toml README.md /opt/megatron-nft/
-RUN pip install -c /opt/base-constraints.txt \
-      "megatron-core==${MEGATRON_CORE_VERSION}" \
-      "nemo-run==${NEMO_RUN_VERSION}" "leptonai==${LEPTONAI_VERSION}" \
-      "math-verify[antlr4-13-2]==${MATH_VERIFY_VERSION}" \
-      psutil "pebble>=5.0" "transformers>=4.45" "tokenizers>=0.20" "safetensors>=0.4" "pyarrow>=14" \
-      "omegaconf>=2.3" "pyyaml>=6" "tqdm>=4.66" "matplotlib>=3.8" "tensorboard>=2.15" "aiohttp>=3.9"
+COPY docker/requirements.lock docker/lock_filter.py /opt/megatron-nft/docker/
+RUN python /opt/megatron-nft/docker/lock_filter.py /opt/megatron-nft/docker/requirements.lock \
+      /opt/base-image-constraints.txt > /tmp/trainer-requirements.txt \
+ && pip install -r /tmp/trainer-requirements.txt \
+ && pip list --format=freeze > /opt/megatron-nft/versions.txt
 COPY megatron_nft /opt/megatron-nft/megatron_nft
 COPY checkpoints_tools /opt/megatron-nft/checkpoints_tools
 COPY launch /opt/megatron-nft/launch
 COPY recipes /opt/megatron-nft/recipes
-RUN pip install -c /opt/base-constraints.txt --no-deps /opt/megatron-nft
+RUN pip install --no-deps /opt/megatron-nft
 
-# 3. SGLang pins its own torch (and CUDA 13 kernels): a separate environment, without the system
-#    site-packages, so its resolver never touches the trainer's. Rollout nodes run
-#    /opt/sglang/bin/python -m sglang.launch_server (launch/tasks.py); the two talk over HTTP/NCCL only.
-#    Its CUDA 13 wheels need a host driver that supports CUDA 13.
+# 3. SGLang pins its own torch (and CUDA 13 kernels): a separate environment without the system
+#    site-packages. NGC's constraints reach every pip in the image, this venv's too (its torch pin
+#    makes SGLang's requirements unsatisfiable), so this pip runs without them: PIP_CONSTRAINT unset
+#    and no pip configuration file read (tests/test_docker.py resolves this very command under an
+#    NGC-like constraint). Rollout nodes run /opt/sglang/bin/python -m sglang.launch_server.
+#    NCCL: SGLang's torch brings its own libnccl wheel, and NCCL peers must run one version, so the
+#    venv gets the NCCL release the trainer's torch was built with (the nccl weight transport between
+#    trainer and servers needs it; smoke.sh compares the two). Its CUDA 13 wheels need a host driver
+#    that supports CUDA 13.
 RUN python -m venv /opt/sglang \
- && /opt/sglang/bin/pip install --upgrade pip \
- && /opt/sglang/bin/pip install "sglang==${SGLANG_VERSION}"
+ && SGLANG_PIP="env -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null /opt/sglang/bin/pip" \
+ && ${SGLANG_PIP} install --upgrade pip \
+ && ${SGLANG_PIP} install "sglang==${SGLANG_VERSION}" \
+ && NCCL_VERSION=$(python -c "import torch; print('.'.join(map(str, torch.cuda.nccl.version())))") \
+ && NCCL_WHEEL=$(/opt/sglang/bin/pip list --format=freeze | sed -n 's/^\(nvidia-nccl-cu[0-9]*\)==.*/\1/p') \
+ && if [ -n "${NCCL_WHEEL}" ]; then ${SGLANG_PIP} install --no-deps "${NCCL_WHEEL}==${NCCL_VERSION}"; fi
 
 # 4. Smoke test at build time (no GPU here: imports that need one are checked when one is visible).
 COPY docker /opt/megatron-nft/docker

@@ -55,4 +55,12 @@ if os.environ["GPU"] == "1":
     assert torch.cuda.is_available(), "smoke: SGLang's torch does not see the GPU (host driver too old for its CUDA?)"
     print("  SGLang server entry point: ok")
 EOF
+echo "== one NCCL for trainer and servers (the nccl weight transport needs equal versions)"
+trainer_nccl=$(python -c "import torch; print('.'.join(map(str, torch.cuda.nccl.version())))")
+sglang_nccl=$("${SGLANG_PYTHON}" -c "import torch; print('.'.join(map(str, torch.cuda.nccl.version())))")
+echo "  trainer ${trainer_nccl}, SGLang ${sglang_nccl}"
+[ "${trainer_nccl}" = "${sglang_nccl}" ] || { echo "smoke: NCCL ${trainer_nccl} (trainer) != ${sglang_nccl} (SGLang)" >&2; exit 1; }
+
+echo "== tools the Slurm scripts run in the container"
+for tool in pkill torchrun; do command -v "${tool}" > /dev/null || { echo "smoke: ${tool} is missing" >&2; exit 1; }; done
 echo "smoke: ok"
