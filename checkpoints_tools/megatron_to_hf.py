@@ -7,6 +7,7 @@ non-weight files come from --hf-config. The result loads with transformers' from
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ def _main(argv) -> int:
     ckpt = common.resolve_megatron_checkpoint(args.ckpt)
     ckpt_dtype = common.check_megatron_checkpoint(ckpt, shape, args.hf_config / "config.json")
     dtype = args.dtype if args.dtype != "auto" else ckpt_dtype
-    if not args.max_shard_mib > 0:
+    if not (math.isfinite(args.max_shard_mib) and args.max_shard_mib > 0):
         raise common.ConfigError(f"--max-shard-mib {args.max_shard_mib}: expected a positive number of MiB")
     common.check_output(args.out, args.overwrite, args.ckpt, args.hf_config)
     stats = common.launch_writing(

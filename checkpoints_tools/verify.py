@@ -8,12 +8,14 @@ input, 0 otherwise.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 from checkpoints_tools import common
 
 PROG = "python -m checkpoints_tools.verify"
+MAX_BATCH_SIZE = 1024
 # Defaults per Megatron compute dtype: fp32 tests the mapping itself; bf16 adds rounding.
 THRESHOLDS = {
     "fp32": {"max_logit_diff": 1e-3, "min_cosine": 0.99999, "min_argmax_agreement": 0.99},
@@ -161,6 +163,16 @@ def _main(argv) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if value < 1:
             raise common.ConfigError(f"{flag} {value}: expected a positive integer")
+    # both sides hold B x S x vocab fp32 logits: a parity check needs a few sequences, not a dataset
+    if args.batch_size > MAX_BATCH_SIZE:
+        raise common.ConfigError(f"--batch-size {args.batch_size}: expected at most {MAX_BATCH_SIZE}")
+    if not 0 <= args.seed < 2**63:
+        raise common.ConfigError(f"--seed {args.seed}: expected an integer in [0, 2**63)")
+    for flag, value, low, high in (("--max-logit-diff", args.max_logit_diff, 0.0, math.inf),
+                                   ("--min-cosine", args.min_cosine, -1.0, 1.0),
+                                   ("--min-argmax-agreement", args.min_argmax_agreement, 0.0, 1.0)):
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise common.ConfigError(f"{flag} {value}: expected a finite number in [{low:g}, {high:g}]")
     if args.seq_len > shape.max_position_embeddings:
         raise common.ConfigError(
             f"--seq-len {args.seq_len}: more than the model's max_position_embeddings={shape.max_position_embeddings}"

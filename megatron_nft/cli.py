@@ -23,8 +23,16 @@ from pathlib import Path
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the flag (the usage block would bury it) and
+    exit status 2, the CLI's convention for bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="megatron-nft",
         description="Negative-aware Fine-Tuning (NFT) and its baselines on Megatron-core actors.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -40,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
             "warmup run. Multi-GPU: torchrun --nproc-per-node N -m megatron_nft.cli train ..."
         ),
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def add(name, help_text, default_recipe=None):
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -110,22 +118,17 @@ def _run_eval(args) -> dict:
     """The engine (--engine) holding the checkpoint's weights, then evaluate.evaluate_benchmarks."""
     from pathlib import Path
 
-    from transformers import AutoTokenizer
-
     from megatron_nft.data.benchmarks import load_benchmark, resolve_benchmark
     from megatron_nft.evaluate import evaluate_benchmarks, paper_sampling, paper_samples
     from megatron_nft.errors import ConfigError
-    from megatron_nft.model.hf_io import load_hf_config
-    from megatron_nft.model.qwen2 import shape_from_hf
+    from megatron_nft.preflight import check_context, check_hf_model
 
+    _check_eval_flags(args)
     paths = [resolve_benchmark(spec) for spec in args.benchmarks]  # a bad name fails before any loading
-    config = load_hf_config(args.hf)
-    shape = shape_from_hf(config)
-    if args.max_new_tokens >= shape.max_position_embeddings:
-        raise ConfigError(
-            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
-            f"{shape.max_position_embeddings}-token context ({args.hf}/config.json max_position_embeddings)"
-        )
+    _check_eval_paths(args, paths)
+    config, shape, tokenizer = check_hf_model(args.hf, "--hf")
+    check_context(args.max_new_tokens, shape.max_position_embeddings, "--max-new-tokens ",
+                  f"{args.hf}/config.json max_position_embeddings")
     benchmarks = {}
     for path in paths:
         problems = load_benchmark(path, problem_field=args.problem_field, answer_field=args.answer_field)
@@ -136,7 +139,7 @@ def _run_eval(args) -> dict:
     try:
         return evaluate_benchmarks(
             engine,
-            AutoTokenizer.from_pretrained(args.hf),
+            tokenizer,
             benchmarks,
             out_dir=args.out,
             samples={name: args.samples or paper_samples(name) for name in benchmarks},
@@ -153,6 +156,77 @@ def _run_eval(args) -> dict:
         engine.close()
 
 
+def _check_finite_flags(args) -> None:
+    """argparse's float() takes "nan" and "inf"; no flag of any subcommand means anything at either."""
+    import math
+
+    from megatron_nft.errors import ConfigError
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    for action in sub._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{max(action.option_strings, key=len)} {value}: expected a finite number")
+
+
+def _check_eval_flags(args) -> None:
+    """Numbers outside what they mean, refused before anything is read or created (argparse checks
+    only their type)."""
+    import math
+
+    from megatron_nft.errors import ConfigError
+
+    for flag, value in (("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens),
+                        ("--workers", args.workers), ("--num-servers", args.num_servers),
+                        ("--server-tp-size", args.server_tp_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: expected an integer >= 1")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ConfigError(f"--temperature {args.temperature}: expected a finite number > 0")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p {args.top_p}: expected a number in (0, 1]")
+    for flag, value in (("--hf", args.hf), ("--out", args.out)):
+        if not value.strip():
+            raise ConfigError(f"{flag} is empty: expected a directory path")
+    for url in args.urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--urls {url!r}: expected an http(s):// URL")
+    if args.urls and args.engine == "local":
+        raise ConfigError("--urls needs --engine sglang or local_http")
+    if args.sglang_python is not None and not Path(args.sglang_python).is_file():
+        raise ConfigError(f"--sglang-python {args.sglang_python}: no such file; expected a Python interpreter")
+
+
+def _check_eval_paths(args, paths) -> None:
+    """--out is a directory (made if missing) that must not lie inside --hf, and no per-benchmark
+    record file (OUT/<stem>.jsonl) may be an input or be shared by two benchmarks."""
+    from megatron_nft.data.benchmarks import benchmark_names
+    from megatron_nft.errors import ConfigError
+    from megatron_nft.evaluate import RESULTS_FILE
+    from megatron_nft.preflight import is_within
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory; expected an output directory")
+    if Path(args.hf).exists() and is_within(out, Path(args.hf)):
+        raise ConfigError(f"--out {out} lies inside --hf {args.hf}: evaluation must not write into the checkpoint")
+    records = {}
+    for spec, path in zip(args.benchmarks, paths):
+        stem = Path(path).name.split(".", 1)[0]
+        if stem not in benchmark_names() and (args.problem_field is None or args.answer_field is None):
+            raise ConfigError(
+                f"--benchmarks {spec}: not one of the six benchmarks ({', '.join(benchmark_names())}), so its "
+                f"fields are unknown; pass --problem-field and --answer-field"
+            )
+        record = (out / f"{Path(path).stem}.jsonl").resolve()
+        if Path(path).resolve() in (record, (out / RESULTS_FILE).resolve()):
+            raise ConfigError(f"--benchmarks {spec}: results would be written over it (--out {out}); choose another --out")
+        if record in records:
+            raise ConfigError(f"--benchmarks {records[record]} and {spec} would share the results file {record}")
+        records[record] = spec
+
+
 def _eval_engine(args, config, shape):
     """The rollout engine evaluation generates with, holding the --hf weights (the training engines)."""
     from pathlib import Path
@@ -163,11 +237,6 @@ def _eval_engine(args, config, shape):
     from megatron_nft.model.mapping import hf_names
     from megatron_nft.rollout import LocalEngine, make_engine
 
-    if args.urls and args.engine == "local":
-        raise ConfigError("--urls needs --engine sglang or local_http")
-    for flag, value in (("--num-servers", args.num_servers), ("--server-tp-size", args.server_tp_size)):
-        if value < 1:
-            raise ConfigError(f"{flag} {value}: must be >= 1")
     if args.engine == "local":
         engine = LocalEngine(config)
     else:
@@ -209,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from megatron_nft.config import load_config, to_yaml
     from megatron_nft.errors import UserError
+    from megatron_nft.preflight import check_train
 
     try:
+        _check_finite_flags(args)
         if args.command == "plan":
             from megatron_nft.plan import run as run_plan
 
@@ -228,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from megatron_nft.demo import run_demo
 
+            check_train(cfg, demo=True)
             final = run_demo(cfg, quiet=args.quiet)
         else:
             from megatron_nft.errors import ConfigError
@@ -235,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if cfg.model.hf_path is None:
                 raise ConfigError("train needs model.hf_path (a Hugging Face Qwen2 checkpoint directory)")
+            check_train(cfg)  # before prepare_run_dir: a refused start creates nothing
             prepare_run_dir(cfg)
             final = train(cfg, quiet=args.quiet)
         from megatron_nft.runtime import is_main_rank
@@ -246,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"megatron-nft: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the system refuses (name too long, no permission, a file for a folder)
+        print(f"megatron-nft: error: {e}", file=sys.stderr)
+        return UserError.exit_code
     except KeyboardInterrupt:
         print("megatron-nft: interrupted", file=sys.stderr)
         return 130

@@ -255,13 +255,21 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. algo.eps=0.5")
-        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        try:  # the value is parsed as YAML: `algo.eps=[0.5` is a yaml.YAMLError, not an OmegaConf one
+            layer = OmegaConf.from_dotlist([item])
+        except Exception as e:  # noqa: BLE001 - yaml.YAMLError and friends: bad input, not a crash
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+        layers.append((f"override {item!r}", layer))
     for origin, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{origin}: {_explain(e)}") from None
-    cfg: TrainConfig = resolve_defaults(OmegaConf.to_object(merged))
+    try:  # interpolations (`${...}`) resolve here, not at merge
+        resolved = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{_explain(e)} (an interpolation in the recipe or an override)") from None
+    cfg: TrainConfig = resolve_defaults(resolved)
     validate(cfg)
     return cfg
 
@@ -338,8 +346,84 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_finite(obj, prefix: str) -> None:
+    """No float setting has a meaning at inf or nan (YAML reads `.inf`, `inf` and `nan` as floats), and
+    no string setting when empty."""
+    import math
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name}={value}: expected a finite number")
+        elif isinstance(value, str) and not value.strip():  # a path '' would silently mean the working directory
+            raise ConfigError(f"{prefix}{f.name} is empty: expected a value (or null where that is allowed)")
+
+
+def _check_list_items(obj, prefix: str) -> None:
+    """OmegaConf lets `rollout.urls=[[1]]` through to the object; every item must have the list's type."""
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_list_items(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is list and isinstance(value, list):
+            (item_type,) = typing.get_args(hints[f.name])
+            for item in value:
+                if not isinstance(item, item_type) or isinstance(item, bool):
+                    raise ConfigError(f"{prefix}{f.name}: item {item!r} is not a {item_type.__name__}")
+
+
+def _validate_ranges(cfg: TrainConfig) -> None:
+    """Single-field ranges that the cross-field checks below do not cover: each would otherwise be
+    accepted and fail (or silently mean something else) deep inside a run."""
+    o, r, d, rw, ev, w, run, m = cfg.optim, cfg.rollout, cfg.data, cfg.reward, cfg.eval, cfg.warmup, cfg.run, cfg.model
+    _require(o.min_lr is None or 0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}: must be in [0, optim.lr={o.lr}] or null")
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        value = getattr(o, key)
+        _require(0 <= value < 1, f"optim.{key}={value}: must be in [0, 1)")
+    _require(o.adam_eps > 0, f"optim.adam_eps={o.adam_eps}: must be > 0")
+    _require(o.grad_clip > 0, f"optim.grad_clip={o.grad_clip}: must be > 0 (gradient clipping is always on)")
+    _require(run.save_every >= 0, f"run.save_every={run.save_every}: must be >= 0 (0: a checkpoint at the end only)")
+    _require(run.save_every_minutes >= 0, f"run.save_every_minutes={run.save_every_minutes}: must be >= 0 (0: off)")
+    _require(run.seed >= 0, f"run.seed={run.seed}: must be >= 0")
+    _require(ev.every >= 0, f"eval.every={ev.every}: must be >= 0 (0: only before and after training)")
+    _require(ev.temperature > 0, f"eval.temperature={ev.temperature}: must be > 0")
+    _require(0 < ev.top_p <= 1, f"eval.top_p={ev.top_p}: must be in (0, 1]")
+    _require(rw.timeout_s > 0, f"reward.timeout_s={rw.timeout_s}: must be > 0 (seconds per answer)")
+    _require(rw.workers is None or rw.workers >= 1, f"reward.workers={rw.workers}: must be >= 1 or null (all cores)")
+    _require(d.max_prompt_len >= 1, f"data.max_prompt_len={d.max_prompt_len}: must be >= 1")
+    _require(d.seed is None or d.seed >= 0, f"data.seed={d.seed}: must be >= 0 or null (run.seed)")
+    _require(d.n_train >= 1, f"data.n_train={d.n_train}: must be >= 1")
+    _require(d.n_eval >= 0, f"data.n_eval={d.n_eval}: must be >= 0")
+    _require(d.max_operand >= 1, f"data.max_operand={d.max_operand}: must be >= 1")
+    _require(w.steps >= 0, f"warmup.steps={w.steps}: must be >= 0")
+    _require(w.lr > 0, f"warmup.lr={w.lr}: must be > 0")
+    _require(w.batch_size >= 1, f"warmup.batch_size={w.batch_size}: must be >= 1")
+    _require(r.server_start_timeout_s > 0, f"rollout.server_start_timeout_s={r.server_start_timeout_s}: must be > 0")
+    for key in ("server_base_port", "nccl_master_port"):
+        port = getattr(r, key)
+        _require(0 <= port <= 65535, f"rollout.{key}={port}: must be a TCP port in [0, 65535] (0: a free one)")
+    _require(all(g >= 0 for g in r.server_gpus) and len(set(r.server_gpus)) == len(r.server_gpus),
+             f"rollout.server_gpus={r.server_gpus}: expected distinct GPU indices >= 0")
+    _require(m.fp8_bf16_layers >= 0, f"model.fp8_bf16_layers={m.fp8_bf16_layers}: must be >= 0")
+    if m.hf_path is None:  # the shape of the random model built without a checkpoint (the demo)
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                    "max_position_embeddings"):
+            _require(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)}: must be >= 1")
+        _require(m.num_heads % m.num_kv_heads == 0, f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
+        _require(m.hidden_size % m.num_heads == 0, f"model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}")
+
+
 def validate(cfg: TrainConfig) -> None:
     _check_choices(cfg, "")
+    _check_finite(cfg, "")
+    _check_list_items(cfg, "")
+    _validate_ranges(cfg)
     r, a, p, o = cfg.rollout, cfg.algo, cfg.parallel, cfg.optim
     _require(p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1")
     _require(p.micro_batch_size >= 1, "parallel.micro_batch_size must be >= 1")

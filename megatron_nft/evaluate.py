@@ -189,13 +189,14 @@ def _load_records(path: Path, name: str, problems: list[BenchmarkProblem], k: in
         return {}
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):  # an interrupted append: drop the partial line; its problem is redone
-        with path.open("r+b") as f:
-            f.truncate(end)
-        data = data[:end]
     golds = {p.id: p.answer for p in problems}
     done: dict[str, dict] = {}
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    for lineno, raw in enumerate(data[:end].splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start}); delete the file to "
+                            f"re-evaluate {name!r}") from None
         if not line.strip():
             continue
         try:
@@ -215,6 +216,9 @@ def _load_records(path: Path, name: str, problems: list[BenchmarkProblem], k: in
         if record["answer"] != golds[pid]:
             raise DataError(f"{path}:{lineno}: problem {pid!r} has gold {record['answer']!r} on file but {golds[pid]!r} in the benchmark")
         done[pid] = record
+    if end < len(data):  # an interrupted append: drop the partial line (only once the rest is valid); its problem is redone
+        with path.open("r+b") as f:
+            f.truncate(end)
     return done
 
 

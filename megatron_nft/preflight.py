@@ -1,0 +1,127 @@
+"""Checks of a command's inputs against the machine and the files they name, before anything is created.
+
+config.validate checks a config on its own; what needs the environment (the torchrun world) or the
+files a config points at (an HF checkpoint's config, weights and tokenizer, data files, where the run
+directory lies) is checked here, so that `train`, `demo` and `eval` refuse bad input in one line
+before a run directory, an output folder or a worker process exists.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from megatron_nft.config import TrainConfig
+from megatron_nft.errors import CheckpointError, ConfigError, DataError
+
+# What AutoTokenizer needs to build the checkpoint's tokenizer; without any of these transformers
+# silently builds a tokenizer of one token and every prompt encodes to nothing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_world(cfg: TrainConfig) -> None:
+    """The torchrun world must hold whole model copies (tp * pp * cp ranks each)."""
+    p = cfg.parallel
+    per_copy = p.tp * p.pp * p.cp
+    raw = os.environ.get("WORLD_SIZE")
+    try:
+        world = int(raw) if raw is not None else 1
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={raw!r}: expected a positive integer (torchrun sets it)") from None
+    if world < 1 or world % per_copy:
+        started = "a plain process (WORLD_SIZE unset)" if raw is None else f"WORLD_SIZE={world}"
+        raise ConfigError(
+            f"parallel.tp={p.tp} x parallel.pp={p.pp} x parallel.cp={p.cp} needs a multiple of {per_copy} ranks, "
+            f"but this is {started}; start it with torchrun --nproc-per-node {per_copy} -m megatron_nft.cli ..."
+        )
+
+
+def check_hf_model(hf_dir: str | os.PathLike, flag: str):
+    """(transformers config, Qwen2Shape, tokenizer) of an HF checkpoint, after checking that its
+    config, weights and tokenizer describe the same model. Every refusal names the file and the field."""
+    from checkpoints_tools.common import check_hf_tensors, read_hf_config
+
+    path = Path(hf_dir)
+    config, shape = read_hf_config(path, flag)
+    check_hf_tensors(path, shape)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{flag} {path}: no tokenizer (expected one of {', '.join(TOKENIZER_FILES)} beside config.json)"
+        )
+    tokenizer = load_tokenizer(path, flag)
+    if len(tokenizer) > shape.vocab_size:
+        raise CheckpointError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but config.json vocab_size={shape.vocab_size}: "
+            f"token ids {shape.vocab_size}..{len(tokenizer) - 1} have no embedding row"
+        )
+    return config, shape, tokenizer
+
+
+def load_tokenizer(path: Path, flag: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - a corrupt tokenizer file surfaces as many exception types
+        raise CheckpointError(f"{flag} {path}: transformers cannot load its tokenizer ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+
+
+def check_context(max_new_tokens: int, context: int, setting: str, where: str) -> None:
+    """A prompt needs at least one position besides the generated tokens; `setting` names the key or
+    flag ("rollout.max_new_tokens=" or "--max-new-tokens ")."""
+    if max_new_tokens >= context:
+        raise ConfigError(
+            f"{setting}{max_new_tokens} leaves no room for a prompt in the model's {context}-token context "
+            f"({where}); expected at most {context - 1}"
+        )
+
+
+def is_within(path: Path, other: Path) -> bool:
+    """path is `other` or lies inside it (both resolved, so links and `..` do not hide it)."""
+    path, other = path.resolve(), other.resolve()
+    return path == other or other in path.parents
+
+
+def check_train(cfg: TrainConfig, *, demo: bool = False) -> None:
+    """Everything `megatron-nft train` (or `demo`) can know to be wrong before prepare_run_dir."""
+    check_world(cfg)
+    run_dir = Path(cfg.run.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir={cfg.run.dir}: exists and is not a directory")
+    inputs = []
+    if demo:  # the demo builds its model from the model.* shape
+        m = cfg.model
+        check_context(cfg.rollout.max_new_tokens, m.max_position_embeddings, "rollout.max_new_tokens=",
+                      "model.max_position_embeddings")
+        from megatron_nft.model.qwen2 import Qwen2Shape
+
+        # only the divisibility fields matter to check_parallel; rope and norm settings do not
+        Qwen2Shape(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                   num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                   head_dim=m.hidden_size // m.num_heads, rope_theta=1e6, rms_norm_eps=1e-6,
+                   max_position_embeddings=m.max_position_embeddings,
+                   tie_word_embeddings=m.tie_word_embeddings).check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    else:
+        if cfg.model.hf_path is None:
+            raise ConfigError("train needs model.hf_path (a Hugging Face Qwen2 checkpoint directory)")
+        _, shape, _ = check_hf_model(cfg.model.hf_path, "model.hf_path")
+        check_context(cfg.rollout.max_new_tokens, shape.max_position_embeddings, "rollout.max_new_tokens=",
+                      f"{cfg.model.hf_path}/config.json max_position_embeddings")
+        shape.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+        inputs.append(("model.hf_path", Path(cfg.model.hf_path)))
+    if cfg.model.megatron_ckpt is not None:
+        if not (Path(cfg.model.megatron_ckpt) / "metadata.json").is_file():
+            raise CheckpointError(f"model.megatron_ckpt={cfg.model.megatron_ckpt}: not a megatron-core checkpoint "
+                                  "(no metadata.json)")
+        inputs.append(("model.megatron_ckpt", Path(cfg.model.megatron_ckpt)))
+    if cfg.data.task == "jsonl":
+        for key in ("train_path", "eval_path"):
+            value = getattr(cfg.data, key)
+            if value is not None and not Path(value).is_file():
+                raise DataError(f"data.{key}={value}: no such file; expected a .jsonl or .parquet prompt file")
+            if value is not None:
+                inputs.append((f"data.{key}", Path(value)))
+    for key, path in inputs:
+        if is_within(run_dir, path):
+            raise ConfigError(f"run.dir={cfg.run.dir} lies inside {key}={path}: a run must not write into its inputs")
