@@ -19,6 +19,7 @@ import json
 import random
 import shutil
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_nft.errors import CheckpointError
-from megatron_nft.runtime import barrier, broadcast_object, gather_objects, is_main_rank
+from megatron_nft.runtime import any_rank, barrier, broadcast_object, gather_objects, is_main_rank
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -193,3 +194,75 @@ def _checkpoint_exception():
 def _as_tuple(state):
     """random.setstate wants tuples where JSON hands back lists."""
     return tuple(_as_tuple(x) for x in state) if isinstance(state, (list, tuple)) else state
+
+
+# --------------------------------------------------------------------------------------------------
+# the run's checkpointer: what a start restores, when a step is saved
+# --------------------------------------------------------------------------------------------------
+
+
+class TimedSaves:
+    """run.save_every_minutes: a checkpoint is due once that much wall time has passed since the last
+    one (or the start). Every rank reads its own clock; one all-reduce makes the earliest rank's
+    verdict every rank's, so all of them save at the same step."""
+
+    def __init__(self, minutes: float, clock=time.monotonic):
+        self.interval_s = minutes * 60.0
+        self.clock = clock
+        self.last = clock()
+
+    def due(self) -> bool:
+        if not self.interval_s:  # the same config on every rank: all skip the all-reduce together
+            return False
+        return any_rank(self.clock() - self.last >= self.interval_s)
+
+    def saved(self) -> None:
+        self.last = self.clock()
+
+
+def load_megatron_weights(actor, directory: str) -> None:
+    """model.megatron_ckpt: weights only, from a converted checkpoint; garbage or another model's
+    checkpoint is one CheckpointError, not torch's exception (which is not even an Exception)."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    if not (Path(directory) / "metadata.json").is_file():
+        raise CheckpointError(f"model.megatron_ckpt={directory}: not a megatron-core checkpoint (no metadata.json)")
+    try:
+        actor.load_checkpoint(directory, with_optimizer=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"model.megatron_ckpt={directory}: {e}") from None
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a shard of another shape, a damaged file
+        raise CheckpointError(f"model.megatron_ckpt={directory}: cannot be loaded into the model of model.hf_path "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    actor.steps = 0
+
+
+class Checkpointer:
+    """Owns the run's state on disk: the actor's checkpoint (model, optimizer, scheduler), the data
+    cursor, the RNG states and the step. `restore` starts a run (the newest checkpoint on resume, else
+    the initial weights); `due` decides when a step is saved (every run.save_every steps, every
+    run.save_every_minutes of wall time, the last step, a stop); `save` writes one."""
+
+    def __init__(self, run_cfg, run_dir: Path, actor, cursor, *, clock=time.monotonic):
+        self.run_cfg, self.run_dir, self.actor, self.cursor = run_cfg, Path(run_dir), actor, cursor
+        self.timed = TimedSaves(run_cfg.save_every_minutes, clock=clock)
+
+    def restore(self, load_initial_weights) -> int:
+        """The step to start from: the resumed checkpoint's, or 0 after `load_initial_weights()`."""
+        if not self.run_cfg.resume:
+            load_initial_weights()
+            return 0
+        _, state = load_latest(self.run_dir, self.actor)
+        self.cursor.load_state_dict(state["cursor"])
+        return state["step"]
+
+    def due(self, step: int, *, last: bool, stopping: bool) -> bool:
+        """Whether to save after `step` (1-based). Every rank calls it: the timed rule all-reduces."""
+        every = self.run_cfg.save_every
+        timed = self.timed.due()
+        return bool((every and step % every == 0) or last or stopping or timed)
+
+    def save(self, step: int) -> Path:
+        path = save(self.run_dir, self.actor, step, {"step": step, "cursor": self.cursor.state_dict()})
+        self.timed.saved()
+        return path

@@ -273,6 +273,16 @@ def _summary(final: dict) -> str:
     )
 
 
+# A run stopped by SIGTERM (a pre-emption, a time limit) after checkpointing: not a success, not a
+# failure; EX_TEMPFAIL from sysexits.h, "try again later", i.e. resume.
+EXIT_STOPPED = 75
+
+
+def _existing_outputs(run_dir: Path) -> str:
+    names = ("metrics.jsonl", "curves.png", "checkpoints/", "hf/")
+    return ", ".join(n for n in names if (run_dir / n.rstrip("/")).exists()) or "nothing yet"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
@@ -303,19 +313,25 @@ def main(argv: list[str] | None = None) -> int:
             final = run_demo(cfg, quiet=args.quiet)
         else:
             from megatron_nft.errors import ConfigError
-            from megatron_nft.trainer import prepare_run_dir, train
+            from megatron_nft.run_dir import prepare_run_dir, remove_failed_start
+            from megatron_nft.trainer import train
 
             if cfg.model.hf_path is None:
                 raise ConfigError("train needs model.hf_path (a Hugging Face Qwen2 checkpoint directory)")
             check_train(cfg)  # before prepare_run_dir: a refused start creates nothing
-            prepare_run_dir(cfg)
-            final = train(cfg, quiet=args.quiet)
+            run_dir, made = prepare_run_dir(cfg)
+            try:
+                final = train(cfg, quiet=args.quiet)
+            except BaseException:
+                remove_failed_start(run_dir, made)
+                raise
         from megatron_nft.runtime import is_main_rank
 
         if is_main_rank():
-            print(_summary(final))
-            print(f"run directory: {cfg.run.dir} (metrics.jsonl, curves.png, checkpoints/, hf/)")
-        return 0
+            if "stopped_at" not in final:  # a stopped run said so already (trainer.train)
+                print(_summary(final))
+            print(f"run directory: {cfg.run.dir} ({_existing_outputs(Path(cfg.run.dir))})")
+        return EXIT_STOPPED if "stopped_at" in final else 0
     except UserError as e:
         print(f"megatron-nft: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -91,31 +91,28 @@ def build_base_model(cfg: TrainConfig, out_dir: Path, *, quiet: bool = False) ->
         batch["old_logprobs"] = torch.zeros_like(batch["loss_mask"])
         metrics = actor.train_step(batch)
         bar.set_postfix(nll=f"{metrics['loss']:.3f}")
-    tensors = actor.hf_tensors()
+    tensors = actor.hf_tensors()  # the other ranks' part of the gather is done within this call
     if is_main_rank():
         save_hf_checkpoint(out_dir, tensors, hf_config, tokenizer, overwrite=True)
-    else:
-        for _ in tensors:
-            pass
-    del actor
+    actor.close()
     return out_dir
 
 
 def run_demo(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     """The whole demo; returns the trainer's final metrics (accuracy before and after NFT)."""
     from megatron_nft import runtime
-    from megatron_nft.trainer import prepare_run_dir, remove_failed_start, train
+    from megatron_nft.run_dir import prepare_run_dir, remove_failed_start
+    from megatron_nft.trainer import train
 
     runtime.init_process_group()
     base = Path(cfg.run.dir) / "base"
     nft_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_path=str(base)))
-    run_dir, fresh = prepare_run_dir(cfg, resumes_as=nft_cfg)
+    run_dir, made = prepare_run_dir(cfg, resumes_as=nft_cfg)
     try:
         if not (base / "config.json").is_file():
             build_base_model(cfg, base, quiet=quiet)
         runtime.barrier()
         return train(nft_cfg, quiet=quiet)
     except BaseException:
-        if fresh:
-            remove_failed_start(run_dir)
+        remove_failed_start(run_dir, made)
         raise

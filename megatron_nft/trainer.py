@@ -1,7 +1,15 @@
-"""The training loop, one step at a time:
+"""The training loop. One step (`Trainer.step`) is README's algorithm:
 
-    sample prompts -> generate K answers each -> verify -> keep mixed groups (dynamic sampling)
-    -> old log-probs from the actor -> num_minibatches optimizer steps -> weight sync -> metrics
+    1-2. sample prompts, generate K answers each, verify them, keep the mixed groups   (collect.py)
+    3.   old per-token log-probs from the actor
+    4.   num_minibatches optimizer steps with the algorithm's loss                    (actor, algorithms)
+    5.   the new weights to the rollout engine
+
+and `Trainer.train` is the loop around it: evaluate when due, log, checkpoint when due, stop on
+SIGTERM. A Trainer is built once (`Trainer.build`) from typed parts, each of which owns one thing:
+the rollout collector (generation, grading, dynamic sampling, its tally), the actor, the evaluator
+(held-out accuracy, and when to measure it), the checkpointer (all run state on disk, and when to
+save), the metrics logger. Every resource is closed by one exit stack.
 
 Rank 0 owns the rollout engine and the grading pool; every rank runs the actor. The batch is built on
 rank 0 and broadcast over the control group (gloo, no device watchdog: the other ranks wait there for
@@ -10,121 +18,29 @@ as long as the rollout takes), so all ranks feed Megatron the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import signal
 import sys
 import time
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megatron_nft import checkpointing
-from megatron_nft.actor import DTYPES, Actor
-from megatron_nft.algorithms import dynamic_sampling_keep, group_correct_rate, group_reward_std, truncated_is_weights
+from megatron_nft.actor import Actor
+from megatron_nft.algorithms import StepStats, average_steps, group_correct_rate, group_reward_std, truncated_is_weights
+from megatron_nft.checkpointing import Checkpointer, load_megatron_weights
+from megatron_nft.collect import Prompt, RolloutCollector, Scorer, StepRollout, step_seed
 from megatron_nft.config import TrainConfig, model_options
 from megatron_nft.data.batching import pack_rows, select_rows
-from megatron_nft.reward import apply_truncation, shape_overlong
-from megatron_nft.checkpointing import step_dirs
-from megatron_nft.errors import CheckpointError, ConfigError
-from megatron_nft.runtime import any_rank, barrier, broadcast_object, is_main_rank
-from megatron_nft.rollout import Completion, RolloutEngine, SamplingParams
-
-
-@dataclass
-class Prompt:
-    ids: list[int]
-    answer: str
-
-
-@dataclass
-class StepRollout:
-    """The kept groups of one step, and what happened while collecting them."""
-
-    prompts: list[Prompt] = field(default_factory=list)
-    completions: list[Completion] = field(default_factory=list)  # K per prompt, grouped
-    rewards: list[float] = field(default_factory=list)  # correctness r in {0, 1}; truncated = 0
-    metrics: dict = field(default_factory=dict)
-
-
-class Scorer:
-    """Decodes completions and grades them; truncated answers score 0 (DESIGN.md)."""
-
-    def __init__(self, tokenizer, grader):
-        self.tokenizer, self.grader = tokenizer, grader
-
-    def __call__(self, completions: list[Completion], golds: list[str]) -> list[float]:
-        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        return apply_truncation(self.grader.score(texts, golds), [c.finish_reason == "length" for c in completions])
-
-    @property
-    def last_stats(self) -> dict:
-        """The grading pool's counts for the last call (answers without an answer, refused, timed out...)."""
-        return self.grader.last_stats
-
-
-def step_seed(run_seed: int, step: int, purpose: str) -> int:
-    """The sampling seed of one generation call, fixed by (run seed, step, purpose): a run resumed from a
-    checkpoint draws the same answers as one that never stopped."""
-    return zlib.crc32(f"{run_seed}:{step}:{purpose}".encode())
-
-
-def collect_rollouts(
-    cfg: TrainConfig, engine: RolloutEngine, scorer: Scorer, next_prompts, sampling: SamplingParams, step: int = 0
-) -> StepRollout:
-    """DAPO dynamic sampling: generate rounds of `gen_prompts` prompts until `prompts_per_step` mixed
-    groups are kept or `max_num_gen_batches` rounds are spent, then truncate to the train batch."""
-    r, k = cfg.rollout, cfg.rollout.samples_per_prompt
-    out = StepRollout()
-    generated = all_right = all_wrong = truncated = 0
-    reward_sum = length_sum = 0.0
-    rounds = 0
-    grading = dict.fromkeys(("no_answer", "refused", "timeouts", "errors", "seconds"), 0.0)
-    # Without the filter nothing is dropped: one round of exactly the train batch.
-    round_size = r.gen_prompts if cfg.algo.dynamic_sampling else r.prompts_per_step
-    while len(out.prompts) < r.prompts_per_step and rounds < r.max_num_gen_batches:
-        rounds += 1
-        prompts: list[Prompt] = next_prompts(round_size)
-        params = dataclasses.replace(sampling, seed=step_seed(cfg.run.seed, step, f"rollout-{rounds}"))
-        completions = engine.generate([p.ids for p in prompts], params)
-        golds = [p.answer for p in prompts for _ in range(k)]
-        rewards = scorer(completions, golds)
-        for key in grading:
-            grading[key] += scorer.last_stats.get(key, 0)
-        generated += len(completions)
-        reward_sum += sum(rewards)
-        length_sum += sum(len(c.token_ids) for c in completions)
-        truncated += sum(c.finish_reason == "length" for c in completions)
-        keep, right, wrong = dynamic_sampling_keep(torch.tensor(rewards), k)
-        all_right, all_wrong = all_right + right, all_wrong + wrong
-        for g, prompt in enumerate(prompts):
-            if cfg.algo.dynamic_sampling and not keep[g]:
-                continue
-            out.prompts.append(prompt)
-            out.completions.extend(completions[g * k : (g + 1) * k])
-            out.rewards.extend(rewards[g * k : (g + 1) * k])
-    n = min(len(out.prompts), r.prompts_per_step)
-    out.prompts, out.completions, out.rewards = out.prompts[:n], out.completions[: n * k], out.rewards[: n * k]
-    out.metrics = {
-        "rollout/reward": reward_sum / max(generated, 1),  # correctness over every generated answer
-        "rollout/response_length": length_sum / max(generated, 1),
-        "rollout/truncated_frac": truncated / max(generated, 1),
-        "rollout/gen_rounds": rounds,
-        "rollout/groups_kept": n,
-        "rollout/groups_all_right": all_right,
-        "rollout/groups_all_wrong": all_wrong,
-        # answers the grader never saw or could not finish (all score 0): a rising count means the model
-        # stopped writing final answers, or writes ones that stall sympy
-        "reward/no_answer_frac": grading["no_answer"] / max(generated, 1),
-        "reward/refused": grading["refused"],
-        "reward/timeouts": grading["timeouts"],
-        "reward/errors": grading["errors"],
-        "time/grade_s": grading["seconds"],
-    }
-    return out
+from megatron_nft.errors import TrainingDiverged
+from megatron_nft.reward import shape_overlong
+from megatron_nft.rollout import RolloutEngine, SamplingParams
+from megatron_nft.run_dir import write_atomically
+from megatron_nft.runtime import any_rank, broadcast_object, is_main_rank
 
 
 def training_rewards(cfg: TrainConfig, rollout: StepRollout) -> list[float]:
@@ -193,11 +109,8 @@ def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> tu
     for start in range(0, groups, per_mb):
         rows = slice(start * k, min(groups, start + per_mb) * k)
         step_metrics.append(actor.train_step(select_rows(batch, rows), group_size=k))
-    for key in ("loss", "entropy", "grad_norm", "ratio_mean", "neg_floor_frac", "clip_frac", "lr"):
-        values = [m[key] for m in step_metrics]
-        metrics[f"actor/{key}"] = sum(values) / len(values)
-    metrics["actor/ratio_min"] = min(m["ratio_min"] for m in step_metrics)
-    metrics["actor/ratio_max"] = max(m["ratio_max"] for m in step_metrics)
+    # each logged statistic over the minibatches as StepStats declares it (min, max, else the mean)
+    metrics |= {f"actor/{key}": value for key, value in average_steps(StepStats, step_metrics).items()}
     metrics["actor/loss_first_minibatch"] = step_metrics[0]["loss"]
     metrics["actor/minibatches"] = len(step_metrics)
     metrics["actor/skipped_updates"] = sum(not m["update_ok"] for m in step_metrics)
@@ -208,179 +121,10 @@ def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> tu
 def sync_weights(actor: Actor, engine: RolloutEngine | None, version: int) -> float:
     """Actor -> rollout engine through the HF mapping; every rank takes part in the gather."""
     start = time.perf_counter()
-    tensors = actor.hf_tensors()
+    tensors = actor.hf_tensors()  # the other ranks' part of the gather is done within this call
     if engine is not None:
         engine.update_weights(tensors, version)
-    else:
-        for _ in tensors:  # non-zero ranks still take part in the collectives
-            pass
     return time.perf_counter() - start
-
-
-# ----------------------------------------------------------------------------------------------------
-# the run: set-up, loop, checkpoints
-# ----------------------------------------------------------------------------------------------------
-
-
-def check_machine(cfg: TrainConfig) -> None:
-    """What the config asks of this machine (Transformer Engine for model.impl=te or FP8): a
-    ConfigError now, before a run directory exists, rather than from the actor later."""
-    from megatron_nft.model.qwen2 import te_available
-
-    layers = cfg.model.num_layers
-    if cfg.model.hf_path is not None:
-        from megatron_nft.model.hf_io import load_hf_config
-
-        layers = load_hf_config(cfg.model.hf_path).num_hidden_layers
-    model_options(cfg).resolved(cuda=torch.cuda.is_available(), te=te_available(), dtype=DTYPES[cfg.model.dtype],
-                                num_layers=layers, pp=cfg.parallel.pp)
-
-
-def run_inputs(cfg: TrainConfig) -> dict[str, Path]:
-    """The paths a run reads (field name -> path): what nothing of the run may delete or write into."""
-    fields = {"model.hf_path": cfg.model.hf_path, "model.megatron_ckpt": cfg.model.megatron_ckpt,
-              "data.train_path": cfg.data.train_path, "data.eval_path": cfg.data.eval_path}
-    return {name: Path(value) for name, value in fields.items() if value}
-
-
-def _inside(path: Path, root: Path) -> bool:
-    path, root = path.resolve(), root.resolve()
-    return path == root or root in path.parents
-
-
-def check_run_dir_against_inputs(cfg: TrainConfig) -> None:
-    """A run directory must not be an input, nor lie inside one (the run writes into it); with
-    run.overwrite it must not hold one either (it is deleted). One ConfigError names the pair."""
-    run_dir = Path(cfg.run.dir)
-    for name, path in run_inputs(cfg).items():
-        if _inside(run_dir, path):
-            raise ConfigError(f"run.dir={run_dir} lies inside {name}={path}: the run would write into its input; "
-                              f"choose a run.dir outside it")
-        if cfg.run.overwrite and _inside(path, run_dir):
-            raise ConfigError(f"{name}={path} lies inside run.dir={run_dir}, which run.overwrite=true deletes; "
-                              f"move the input out of the run directory or choose another run.dir")
-
-
-# What may change when a run is resumed: how long it runs and how it is watched, not what it trains.
-RESUMABLE_CHANGES = ("run.", "eval.every", "reward.workers", "reward.timeout_s", "rollout.urls",
-                     "rollout.server_start_timeout_s", "rollout.request_timeout_s")
-
-
-def check_resumed_config(cfg: TrainConfig, stored_path: Path) -> list[str]:
-    """Compares a resumed run's config with the one it was started with. A changed model or layout is
-    a CheckpointError (the checkpoint holds the other one); returns the other changed fields."""
-    from omegaconf import OmegaConf
-
-    from megatron_nft.config import load_config
-
-    try:
-        stored = load_config(stored_path)
-    except Exception as e:  # noqa: BLE001 - an unreadable stored config: say which file
-        raise CheckpointError(f"{stored_path}: cannot read the run's stored config ({' '.join(str(e).split())[:200]})") from None
-    old = _flat(OmegaConf.to_container(OmegaConf.structured(stored)))
-    new = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    fixed = [k for k in changed if k.startswith(("model.", "parallel.")) and not _same_model_dir(k, old, new)]
-    if fixed:
-        what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fixed)
-        raise CheckpointError(f"run.resume=true with another model or layout than the run's ({what}; stored in "
-                              f"{stored_path}); nothing was changed. Resume with the stored values, or start a new run.dir")
-    return [k for k in changed if k != "model.hf_path" and not k.startswith(RESUMABLE_CHANGES)]
-
-
-def _same_model_dir(key: str, old: dict, new: dict) -> bool:
-    """model.hf_path may move (the weights come from the checkpoint) if it holds the same model shape."""
-    if key != "model.hf_path" or not old.get(key) or not new.get(key) or not Path(old[key]).is_dir():
-        return False
-    from megatron_nft.model.hf_io import load_hf_config
-    from megatron_nft.model.qwen2 import shape_from_hf
-
-    try:
-        return shape_from_hf(load_hf_config(old[key])) == shape_from_hf(load_hf_config(new[key]))
-    except Exception:  # noqa: BLE001 - an unreadable model is not the same model
-        return False
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def prepare_run_dir(cfg: TrainConfig, *, resumes_as: TrainConfig | None = None) -> tuple[Path, bool]:
-    """A new run gets a new directory; an existing one is only continued (run.resume) or replaced
-    (run.overwrite) when asked. Everything is checked before anything is created or deleted. Returns
-    the directory and whether this start created it (so that a failed start can remove it again).
-    `resumes_as`: the config the trainer will run, when it is not `cfg` (the demo sets the model path
-    after building it)."""
-    import shutil
-
-    check_machine(cfg)
-    check_run_dir_against_inputs(cfg)
-    run_dir = Path(cfg.run.dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"run.dir={run_dir} is a file, not a directory")
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and not (cfg.run.resume or cfg.run.overwrite):
-        raise CheckpointError(
-            f"run directory {run_dir} already holds a run; pass run.resume=true to continue it "
-            f"or run.overwrite=true to replace it (or choose another run.dir)"
-        )
-    if cfg.run.resume:
-        if not exists:
-            raise CheckpointError(f"run.resume=true but {run_dir} holds no run to resume")
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"run.resume=true but {run_dir} has no config.yaml: its first start never began "
-                                  f"training; start it again with run.overwrite=true")
-        changed = check_resumed_config(resumes_as or cfg, run_dir / "config.yaml")
-        if changed and is_main_rank():
-            print(f"megatron-nft: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
-        if not step_dirs(run_dir):
-            raise CheckpointError(f"run.resume=true but {run_dir / 'checkpoints'} holds no checkpoint to resume from; "
-                                  f"nothing was changed (start again with run.overwrite=true, or choose another run.dir)")
-    if exists and cfg.run.overwrite and is_main_rank():
-        shutil.rmtree(run_dir)
-    barrier()
-    fresh = not exists or cfg.run.overwrite
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, fresh
-
-
-def load_megatron_weights(actor: Actor, directory: str) -> None:
-    """model.megatron_ckpt: weights only, from a converted checkpoint; garbage or another model's
-    checkpoint is one CheckpointError, not torch's exception (which is not even an Exception)."""
-    from torch.distributed.checkpoint import CheckpointException
-
-    if not (Path(directory) / "metadata.json").is_file():
-        raise CheckpointError(f"model.megatron_ckpt={directory}: not a megatron-core checkpoint (no metadata.json)")
-    try:
-        actor.load_checkpoint(directory, with_optimizer=False)
-    except CheckpointError as e:
-        raise CheckpointError(f"model.megatron_ckpt={directory}: {e}") from None
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a shard of another shape, a damaged file
-        raise CheckpointError(f"model.megatron_ckpt={directory}: cannot be loaded into the model of model.hf_path "
-                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    actor.steps = 0
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def remove_failed_start(run_dir: Path) -> None:
-    """After a start that failed before training began (no config.yaml yet): remove what it created,
-    so that the corrected command can run. Only called for a directory this start created, which
-    check_run_dir_against_inputs keeps free of inputs."""
-    import shutil
-
-    if is_main_rank() and run_dir.is_dir() and not (run_dir / "config.yaml").exists():
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def load_prompts(cfg: TrainConfig, tokenizer, context_len: int) -> tuple[list[Prompt], list[Prompt]]:
@@ -437,190 +181,223 @@ class StopRequested:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class TimedSaves:
-    """run.save_every_minutes: a checkpoint is due once that much wall time has passed since the last
-    one (or the start). Every rank reads its own clock; one all-reduce makes the earliest rank's
-    verdict every rank's, so all of them save at the same step."""
+class Evaluator:
+    """Held-out accuracy (avg@k over `eval.samples` answers per problem) and when to measure it: before
+    the first step, every `eval.every` steps and after the last one. Rank 0 generates; every rank
+    gets the number."""
 
-    def __init__(self, minutes: float, clock=time.monotonic):
-        self.interval_s = minutes * 60.0
-        self.clock = clock
-        self.last = clock()
+    def __init__(self, cfg: TrainConfig, engine: RolloutEngine | None, scorer: Scorer | None, prompts: list[Prompt],
+                 sampling: SamplingParams):
+        self.cfg, self.engine, self.scorer, self.prompts, self.sampling = cfg, engine, scorer, prompts, sampling
 
-    def due(self) -> bool:
-        if not self.interval_s:  # the same config on every rank: all skip the all-reduce together
-            return False
-        return any_rank(self.clock() - self.last >= self.interval_s)
+    def due(self, step: int) -> bool:
+        """After `step` (1-based)."""
+        every, last = self.cfg.eval.every, step == self.cfg.run.steps
+        return last or bool(every and step % every == 0)
 
-    def saved(self) -> None:
-        self.last = self.clock()
-
-
-def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
-    """Runs (or resumes) a training run described by `cfg`; returns the final metrics."""
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
-    from megatron_nft import runtime
-    from megatron_nft.config import to_yaml
-    from megatron_nft.data.prompts import PromptCursor
-    from megatron_nft.errors import TrainingDiverged
-    from megatron_nft.metrics import MetricsLogger, plot_run, truncate_metrics
-    from megatron_nft.model.hf_io import hf_tensor_reader, load_hf_config, save_hf_checkpoint
-    from megatron_nft.model.qwen2 import shape_from_hf
-    from megatron_nft.reward import GradingPool
-    from megatron_nft.rollout import make_engine
-
-    runtime.init_process_group()
-    run_dir = Path(cfg.run.dir)  # prepared by the caller (prepare_run_dir)
-    main = is_main_rank()
-    hf_config = load_hf_config(cfg.model.hf_path)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
-    shape = shape_from_hf(hf_config)
-    train_prompts, eval_prompts = load_prompts(cfg, tokenizer, shape.max_position_embeddings)
-
-    actor = Actor(
-        shape,
-        tp=cfg.parallel.tp,
-        pp=cfg.parallel.pp,
-        dtype=cfg.model.dtype,
-        micro_batch_size=cfg.parallel.micro_batch_size,
-        optim=cfg.optim,
-        algo=cfg.algo,
-        total_steps=max(cfg.run.steps * cfg.algo.num_minibatches, 1),
-        temperature=cfg.rollout.temperature,
-        seed=cfg.run.seed,
-        cp=cfg.parallel.cp,
-        max_tokens_per_micro_batch=cfg.parallel.max_tokens_per_micro_batch,
-        options=model_options(cfg),
-    )
-    cursor = PromptCursor(train_prompts, seed=cfg.run.seed)
-    start_step = 0
-    resumed = checkpointing.load_latest(run_dir, actor) if cfg.run.resume else None
-    if resumed is not None:
-        _, state = resumed
-        start_step = state["step"]
-        cursor.load_state_dict(state["cursor"])
-        if main:
-            truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    elif cfg.model.megatron_ckpt:
-        load_megatron_weights(actor, cfg.model.megatron_ckpt)
-    else:
-        actor.load_hf(hf_tensor_reader(cfg.model.hf_path))
-    # The run has begun: its config is stored (a resume compares against it; a start that failed
-    # before this point left nothing that blocks the corrected command: see remove_failed_start).
-    if main:
-        write_atomically(run_dir / "config.yaml", to_yaml(cfg))
-
-    stop_ids = tuple(t for t in [tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)] if t is not None)
-    sampling = SamplingParams(
-        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-        stop_token_ids=tuple(sorted(set(stop_ids))), n=cfg.rollout.samples_per_prompt,
-    )
-    eval_sampling = SamplingParams(
-        temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-        stop_token_ids=sampling.stop_token_ids, n=cfg.eval.samples,
-    )
-    engine = (
-        make_engine(cfg.rollout, hf_config=hf_config, model_path=cfg.model.hf_path, run_dir=run_dir,
-                    seed=cfg.run.seed + start_step, progress=not quiet)
-        if main else None
-    )
-    grader = GradingPool(answer_format=cfg.reward.answer_format, timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers) if main else None
-    scorer = Scorer(tokenizer, grader) if main else None
-    logger = MetricsLogger(run_dir, enabled=main, wandb_project=cfg.run.wandb_project, append=start_step > 0)
-    sync_weights(actor, engine, version=start_step)
-
-    def run_eval(step: int) -> float | None:
-        if not eval_prompts:
+    def run(self, step: int) -> float | None:
+        if not self.prompts:
             return None
-        params = dataclasses.replace(eval_sampling, seed=step_seed(cfg.run.seed, step, "eval"))
-        acc = evaluate(engine, scorer, eval_prompts, cfg.eval.samples, params) if main else None
+        params = dataclasses.replace(self.sampling, seed=step_seed(self.cfg.run.seed, step, "eval"))
+        acc = evaluate(self.engine, self.scorer, self.prompts, self.cfg.eval.samples, params) if is_main_rank() else None
         return broadcast_object(acc)
 
-    final: dict = {}
-    last_accuracy = float("nan")
-    nonfinite_streak = 0
-    stop = StopRequested().install()
-    timed_saves = TimedSaves(cfg.run.save_every_minutes)
-    try:
-        if start_step == 0:
-            acc = run_eval(0)
-            final["eval/accuracy_before"] = acc
-            last_accuracy = acc if acc is not None else float("nan")
-            logger.log(0, {"eval/accuracy": acc})
-        elif main:
-            from megatron_nft.metrics import read_metrics
 
-            first = next((r for r in read_metrics(logger.path) if r["step"] == 0), {})
+class DivergenceGuard:
+    """run.max_nonfinite_updates minibatch updates in a row with a non-finite loss or gradient stop the
+    run, with the step's batch dumped (JSON) for its owner to inspect."""
+
+    def __init__(self, limit: int, run_dir: Path):
+        self.limit, self.run_dir, self.streak = limit, run_dir, 0
+
+    def check(self, step: int, nonfinite: list[bool], rollout: StepRollout, before_raising) -> None:
+        for flag in nonfinite:
+            self.streak = self.streak + 1 if flag else 0
+            if self.streak >= self.limit:
+                saved = self.run_dir / f"nonfinite_step_{step:06d}.json"
+                if is_main_rank():
+                    write_atomically(saved, json.dumps({
+                        "prompts": [dataclasses.asdict(p) for p in rollout.prompts],
+                        "completions": [dataclasses.asdict(c) for c in rollout.completions],
+                        "rewards": rollout.rewards}))
+                before_raising()
+                raise TrainingDiverged(
+                    f"step {step}: {self.streak} minibatch updates in a row had a non-finite loss or "
+                    f"gradient (updates skipped); the last step's batch is saved in {saved}"
+                )
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    actor: Actor
+    collector: RolloutCollector | None  # rank 0 only, like the engine and the scorer
+    engine: RolloutEngine | None
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    logger: object  # metrics.MetricsLogger
+    stop: StopRequested
+    guard: DivergenceGuard
+    start_step: int
+    export: callable  # writes the final policy as an HF checkpoint (rank 0; every rank gathers)
+    exits: contextlib.ExitStack
+    quiet: bool = False
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, *, quiet: bool = False) -> "Trainer":
+        """Everything a run needs, for a run directory that prepare_run_dir has checked and made."""
+        from transformers import AutoTokenizer
+
+        from megatron_nft import runtime
+        from megatron_nft.config import to_yaml
+        from megatron_nft.data.prompts import PromptCursor
+        from megatron_nft.metrics import MetricsLogger, truncate_metrics
+        from megatron_nft.model.hf_io import hf_tensor_reader, load_hf_config, save_hf_checkpoint
+        from megatron_nft.model.qwen2 import shape_from_hf
+        from megatron_nft.reward import GradingPool
+        from megatron_nft.rollout import make_engine
+
+        runtime.init_process_group()
+        run_dir, main = Path(cfg.run.dir), is_main_rank()
+        exits = contextlib.ExitStack()
+        try:
+            hf_config = load_hf_config(cfg.model.hf_path)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+            shape = shape_from_hf(hf_config)
+            train_prompts, eval_prompts = load_prompts(cfg, tokenizer, shape.max_position_embeddings)
+            actor = Actor(
+                shape, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dtype=cfg.model.dtype,
+                micro_batch_size=cfg.parallel.micro_batch_size, optim=cfg.optim, algo=cfg.algo,
+                total_steps=max(cfg.run.steps * cfg.algo.num_minibatches, 1), temperature=cfg.rollout.temperature,
+                seed=cfg.run.seed, cp=cfg.parallel.cp, max_tokens_per_micro_batch=cfg.parallel.max_tokens_per_micro_batch,
+                options=model_options(cfg),
+            )
+            exits.callback(actor.close)
+            cursor = PromptCursor(train_prompts, seed=cfg.run.seed)
+            checkpointer = Checkpointer(cfg.run, run_dir, actor, cursor)
+
+            def initial_weights():
+                if cfg.model.megatron_ckpt:
+                    load_megatron_weights(actor, cfg.model.megatron_ckpt)
+                else:
+                    actor.load_hf(hf_tensor_reader(cfg.model.hf_path))
+
+            start_step = checkpointer.restore(initial_weights)
+            if main and start_step:
+                truncate_metrics(run_dir / "metrics.jsonl", start_step)
+            # The run has begun: its config is stored (a resume compares against it; a start that failed
+            # before this point left nothing that blocks the corrected command: see remove_failed_start).
+            if main:
+                write_atomically(run_dir / "config.yaml", to_yaml(cfg))
+
+            stop_ids = tuple(sorted({t for t in (tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)) if t is not None}))
+            sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                      max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids,
+                                      n=cfg.rollout.samples_per_prompt)
+            eval_sampling = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                                           max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids,
+                                           n=cfg.eval.samples)
+            engine = scorer = collector = None
+            if main:
+                engine = make_engine(cfg.rollout, hf_config=hf_config, model_path=cfg.model.hf_path, run_dir=run_dir,
+                                     seed=cfg.run.seed + start_step, progress=not quiet)
+                exits.callback(engine.close)  # stops the servers it launched
+                grader = GradingPool(answer_format=cfg.reward.answer_format, timeout_s=cfg.reward.timeout_s,
+                                     workers=cfg.reward.workers)
+                exits.callback(grader.close)
+                scorer = Scorer(tokenizer, grader)
+                collector = RolloutCollector(cfg, engine, scorer, cursor.next_batch, sampling)
+            logger = MetricsLogger(run_dir, enabled=main, wandb_project=cfg.run.wandb_project, append=start_step > 0)
+            exits.callback(logger.close)
+            stop = StopRequested().install()
+            exits.callback(stop.uninstall)
+
+            def export():
+                # one dtype throughout: on CPU megatron-core keeps RMSNorm weights in fp32 in bf16 models
+                tensors = actor.hf_tensors()  # the other ranks' part of the gather is done within this call
+                if main:
+                    save_hf_checkpoint(run_dir / "hf", tensors, hf_config, tokenizer, dtype=actor.dtype, overwrite=True)
+
+            return cls(cfg=cfg, actor=actor, collector=collector, engine=engine,
+                       evaluator=Evaluator(cfg, engine, scorer, eval_prompts, eval_sampling), checkpointer=checkpointer,
+                       logger=logger, stop=stop, guard=DivergenceGuard(cfg.run.max_nonfinite_updates, run_dir),
+                       start_step=start_step, export=export, exits=exits, quiet=quiet)
+        except BaseException:
+            exits.close()
+            raise
+
+    def close(self) -> None:
+        self.exits.close()
+
+    def step(self, step: int) -> dict:
+        """Step `step` (0-based) of README's algorithm; returns its metrics."""
+        t0 = time.perf_counter()
+        # 1-2. generate, verify, keep the mixed groups (rank 0), shared with every rank
+        rollout = broadcast_object(self.collector.collect(step) if self.collector is not None else None)
+        t_rollout = time.perf_counter() - t0
+        metrics = dict(rollout.metrics)
+        if rollout.prompts:
+            # 3-4. old log-probs, then the minibatch updates
+            step_metrics, nonfinite = train_on_rollout(self.actor, self.cfg, rollout)
+            metrics.update(step_metrics)
+            self.guard.check(step + 1, nonfinite, rollout, before_raising=lambda: self.logger.log(step + 1, metrics))
+        else:
+            metrics["actor/skipped_step_no_mixed_groups"] = 1
+        # 5. the new weights to the rollout engine
+        metrics["time/sync_s"] = sync_weights(self.actor, self.engine, version=step + 1)
+        metrics["time/rollout_s"] = t_rollout
+        metrics["time/step_s"] = time.perf_counter() - t0
+        return metrics
+
+    def train(self) -> dict:
+        """The loop: steps until run.steps or a stop; returns the final metrics."""
+        from tqdm import tqdm
+
+        from megatron_nft.metrics import plot_run, read_metrics
+
+        cfg, main = self.cfg, is_main_rank()
+        final: dict = {}
+        sync_weights(self.actor, self.engine, version=self.start_step)
+        if self.start_step == 0:
+            final["eval/accuracy_before"] = acc = self.evaluator.run(0)
+            self.logger.log(0, {"eval/accuracy": acc})
+        elif main:
+            first = next((r for r in read_metrics(self.logger.path) if r["step"] == 0), {})
             final["eval/accuracy_before"] = first.get("eval/accuracy")
-        bar = tqdm(range(start_step, cfg.run.steps), desc=cfg.algo.name.upper(), disable=quiet or not main, initial=start_step, total=cfg.run.steps)
+        last_accuracy = final["eval/accuracy_before"] if final.get("eval/accuracy_before") is not None else float("nan")
+        bar = tqdm(range(self.start_step, cfg.run.steps), desc=cfg.algo.name.upper(), disable=self.quiet or not main,
+                   initial=self.start_step, total=cfg.run.steps)
         for step in bar:
-            t0 = time.perf_counter()
-            rollout = collect_rollouts(cfg, engine, scorer, cursor.next_batch, sampling, step) if main else None
-            rollout = broadcast_object(rollout)
-            t_rollout = time.perf_counter() - t0
-            metrics = dict(rollout.metrics)
-            if rollout.prompts:
-                step_metrics, nonfinite = train_on_rollout(actor, cfg, rollout)
-                metrics.update(step_metrics)
-                for flag in nonfinite:
-                    nonfinite_streak = nonfinite_streak + 1 if flag else 0
-                    if nonfinite_streak >= cfg.run.max_nonfinite_updates:
-                        saved = run_dir / f"nonfinite_step_{step + 1:06d}.json"
-                        if main:  # JSON, like everything the project writes for people to read back
-                            write_atomically(saved, json.dumps({
-                                "prompts": [dataclasses.asdict(p) for p in rollout.prompts],
-                                "completions": [dataclasses.asdict(c) for c in rollout.completions],
-                                "rewards": rollout.rewards}))
-                        logger.log(step + 1, metrics)
-                        raise TrainingDiverged(
-                            f"step {step + 1}: {nonfinite_streak} minibatch updates in a row had a non-finite loss or "
-                            f"gradient (updates skipped); the last step's batch is saved in {saved}"
-                        )
-            else:
-                metrics["actor/skipped_step_no_mixed_groups"] = 1
-            metrics["time/sync_s"] = sync_weights(actor, engine, version=step + 1)
-            metrics["time/rollout_s"] = t_rollout
-            metrics["time/step_s"] = time.perf_counter() - t0
-            last = step + 1 == cfg.run.steps
-            if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
-                metrics["eval/accuracy"] = run_eval(step + 1)
-            elif last:
-                metrics["eval/accuracy"] = run_eval(step + 1)
-            logger.log(step + 1, metrics)
+            metrics = self.step(step)
+            done = step + 1
+            if self.evaluator.due(done):
+                metrics["eval/accuracy"] = self.evaluator.run(done)
+            self.logger.log(done, metrics)
             if metrics.get("eval/accuracy") is not None:
                 last_accuracy = metrics["eval/accuracy"]
             bar.set_postfix(reward=f"{metrics['rollout/reward']:.2f}", heldout_acc=f"{last_accuracy:.2f}")
-            stopping = stop.agreed()
-            timed_save = timed_saves.due()
-            if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or last or stopping or timed_save:
-                checkpointing.save(run_dir, actor, step + 1, {"step": step + 1, "cursor": cursor.state_dict()})
-                timed_saves.saved()
+            last, stopping = done == cfg.run.steps, self.stop.agreed()
+            if self.checkpointer.due(done, last=last, stopping=stopping):
+                self.checkpointer.save(done)
             final = {**final, **metrics}
             if stopping and not last:
                 if main:
-                    print(f"megatron-nft: SIGTERM: stopped after step {step + 1} with a checkpoint; "
+                    print(f"megatron-nft: SIGTERM: stopped after step {done} with a checkpoint; "
                           f"continue with run.resume=true", file=sys.stderr)
-                final["stopped_at"] = step + 1
+                final["stopped_at"] = done
                 return final
-        if cfg.run.steps == start_step and start_step == 0:
+        if cfg.run.steps == self.start_step == 0:
             final["eval/accuracy"] = final.get("eval/accuracy_before")
-        # an HF export of the final policy, loadable by transformers and SGLang
-        tensors = actor.hf_tensors()
+        self.export()  # the final policy, loadable by transformers and SGLang
         if main:
-            # one dtype throughout: on CPU megatron-core keeps RMSNorm weights in fp32 in bf16 models
-            save_hf_checkpoint(run_dir / "hf", tensors, hf_config, tokenizer, dtype=actor.dtype, overwrite=True)
-        else:
-            for _ in tensors:
-                pass
-        if main:
-            plot_run(logger.path, run_dir / "curves.png")
+            plot_run(self.logger.path, Path(cfg.run.dir) / "curves.png")
+        return final
+
+
+def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
+    """Runs (or resumes) the run described by `cfg` in its prepared directory; returns the final metrics."""
+    trainer = Trainer.build(cfg, quiet=quiet)
+    try:
+        return trainer.train()
     finally:
-        stop.uninstall()
-        if engine is not None:
-            engine.close()  # stops the servers it launched
-        logger.close()
-        if grader is not None:
-            grader.close()
-    return final
+        trainer.close()

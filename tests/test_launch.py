@@ -560,7 +560,7 @@ def test_sweep_points_get_their_own_run_directories(cluster, capsys):
 
 def _timed_saves_worker(rank, world_size):
     from megatron_nft import runtime
-    from megatron_nft.trainer import TimedSaves
+    from megatron_nft.checkpointing import TimedSaves
 
     runtime.init_process_group()
     now = [0.0]
@@ -577,7 +577,7 @@ def _timed_saves_worker(rank, world_size):
 
 def test_checkpoints_by_wall_time_are_agreed_by_every_rank():
     from megatron_nft.testing import run_distributed
-    from megatron_nft.trainer import TimedSaves
+    from megatron_nft.checkpointing import TimedSaves
 
     # the reference: rank 0's clock alone passes 10 minutes at steps 3 (12 min) and 6 (24 min)
     assert run_distributed(_timed_saves_worker, 2) == [[3, 6], [3, 6]]

@@ -90,13 +90,17 @@ def test_a_start_that_fails_leaves_nothing_that_blocks_the_corrected_rerun(world
     (garbage / ".metadata").write_bytes(b"not a pickle at all")
     run = tmp_path / "run"
     code, err = cli(capsys, *train_args(world["hf"], world["data"], run, f"model.megatron_ckpt={garbage}"))
-    assert code == 2 and len(err) == 1 and "model.megatron_ckpt" in err[0] and ".metadata" in err[0], err
+    assert code == 2 and len(err) == 1 and "model.megatron_ckpt" in err[0], err
     assert not run.exists()
     # another model's checkpoint (a different shape): one line too
     other_ckpt = world["run"] / "checkpoints" / "step_000002" / "actor"
     code, err = cli(capsys, *train_args(world["other"], world["data"], run, f"model.megatron_ckpt={other_ckpt}"))
     assert code == 2 and len(err) == 1 and "cannot be loaded into the model" in err[0], err
     assert not run.exists()
+    # a run directory the user made (empty) beforehand is kept, emptied of what the failed start wrote
+    run.mkdir()
+    code, err = cli(capsys, *train_args(world["other"], world["data"], run, f"model.megatron_ckpt={other_ckpt}"))
+    assert code == 2 and run.is_dir() and not any(run.iterdir()), err
 
 
 # ---------------------------------------------------------------------------------------------------

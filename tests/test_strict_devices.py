@@ -132,19 +132,20 @@ SLOW_STEP, SLOW_S, TIMEOUT_S = 1, 12.0, 6
 
 
 def _run_worker(rank, world_size, run_dir):
-    from megatron_nft import runtime, trainer
+    from megatron_nft import runtime
+    from megatron_nft.collect import RolloutCollector
     from megatron_nft.config import load_config
     from megatron_nft.demo import run_demo
 
     runtime.init_process_group(timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    collect = trainer.collect_rollouts
+    collect = RolloutCollector.collect
 
-    def slow_collect(cfg, engine, scorer, next_prompts, sampling, step=0):
+    def slow_collect(self, step):
         if step == SLOW_STEP:
             time.sleep(SLOW_S)  # rank 0 generates; rank 1 waits longer than the default group allows
-        return collect(cfg, engine, scorer, next_prompts, sampling, step)
+        return collect(self, step)
 
-    trainer.collect_rollouts = slow_collect
+    RolloutCollector.collect = slow_collect  # in this spawned rank only
     cfg = load_config("recipes/demo.yaml", [*TINY, f"run.dir={run_dir}", "run.steps=2"])
     first = run_demo(cfg, quiet=True)
     resumed_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=3, resume=True))
