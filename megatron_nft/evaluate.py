@@ -19,7 +19,7 @@ where it stopped; a last line cut short by the interruption is dropped and that 
 `out_dir/results.md` holds the Markdown table (one column per benchmark, plus the average), rewritten
 atomically (temp file + rename) after each benchmark.
 
-Paper settings (DESIGN.md): AIME24/AIME25/AMC23 avg@32, MATH500/OlympiadBench/Minerva avg@1, top_p 0.7,
+Paper settings (the NFT paper's evaluation): AIME24/AIME25/AMC23 avg@32, MATH500/OlympiadBench/Minerva avg@1, top_p 0.7,
 temperature 0.6 for 7B and 1.0 for 32B models.
 """
 

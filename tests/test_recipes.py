@@ -1,5 +1,5 @@
 """The shipped recipes: every one loads and validates, the paper recipes carry the paper's settings
-(DESIGN.md), and `base:` layering behaves (order, relative paths, errors that name the file)."""
+(the NFT paper's training settings), and `base:` layering behaves (order, relative paths, errors that name the file)."""
 
 from __future__ import annotations
 
