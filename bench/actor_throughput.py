@@ -128,7 +128,7 @@ def measure(shape, variant: Variant, *, tokens: int, rows: int, micro_batches: i
     lengths = [n for _ in range(micro_batches) for n in sequence_lengths(tokens, rows, rng, spread)]
     batch = make_batch(shape, lengths, seed)
     actor = build_actor(shape, variant, tokens=tokens, dtype=dtype, impl=impl)
-    micro, _ = actor._local_microbatches({k: batch[k] for k in ("tokens", "loss_mask")})
+    micro, _ = actor.microbatches.split({k: batch[k] for k in ("tokens", "loss_mask")})
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -141,6 +141,7 @@ def measure(shape, variant: Variant, *, tokens: int, rows: int, micro_batches: i
         if i >= warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    actor.close()  # frees its model and buffers before the next variant's actor
     del actor
     gc.collect()
     if cuda:

@@ -50,7 +50,10 @@ def _worker(rank, world_size, models, batch):
                 algo=AlgoConfig(name="nft", agg="token_mean"),
             )
             actor.load_hf(lambda n: state[n])
-            exported = dict(actor.hf_tensors())
+            # only rank 0 reads the stream: the other rank's part of the gather is done within the call
+            tensors = actor.hf_tensors()
+            exported = dict(tensors) if rank == 0 else list(tensors)
+            assert rank == 0 or exported == []
             logprobs, entropy = actor.compute_logprobs({"tokens": batch["tokens"]})
             metrics = actor.train_step(batch)
             after, _ = actor.compute_logprobs({"tokens": batch["tokens"]})
@@ -62,7 +65,7 @@ def _worker(rank, world_size, models, batch):
                 "after": after,
                 "exported": exported if rank == 0 else None,
             }
-            del actor
+            actor.close()
     # InfoNCA contrasts whole groups (K = 2 here): micro-batches of 2 rows hold whole groups on each
     # DP rank; micro-batches of 1 row split every group (the step's forward pre-pass path)
     label, (config, state) = next(iter(models.items()))
@@ -77,7 +80,7 @@ def _worker(rank, world_size, models, batch):
         metrics = actor.train_step(batch, group_size=2)
         after, _ = actor.compute_logprobs(batch)
         results[(label, name)] = {**metrics, "after": after}
-        del actor
+        actor.close()
     return results
 
 

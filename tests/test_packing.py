@@ -149,15 +149,13 @@ def test_fp8_alignment_gives_every_rank_whole_gemm_blocks(blockwise, sequence_pa
 
 
 def test_actor_alignment_follows_its_layout_and_fp8_recipe():
-    from types import SimpleNamespace
-
-    from megatron_nft.actor import Actor
+    from megatron_nft import microbatches
     from megatron_nft.model.qwen2 import ModelOptions
 
     def alignment(tp, cp, sequence_parallel=False, **options):
-        actor = SimpleNamespace(tp=tp, cp=cp, options=ModelOptions(**options),
-                                config=SimpleNamespace(sequence_parallel=sequence_parallel))
-        return Actor._alignment.fget(actor)
+        options = ModelOptions(**options)  # what the actor passes to its micro-batch plan
+        return microbatches.alignment(tp=tp, cp=cp, fp8=options.fp8, fp8_recipe=options.fp8_recipe,
+                                      sequence_parallel=sequence_parallel)
 
     assert alignment(2, 4) == 16
     assert alignment(2, 4, fp8="hybrid", fp8_recipe="tensorwise") == 64
@@ -343,18 +341,29 @@ def make_batch(vocab: int, seed: int = 0):
     return batch
 
 
-def _actor(shape, state, *, cls=None, **kw):
+_OPEN_ACTORS: list = []  # closed after each test (an actor lives until closed)
+
+
+@pytest.fixture(autouse=True)
+def _close_actors():
+    yield
+    while _OPEN_ACTORS:
+        _OPEN_ACTORS.pop().close()
+
+
+def _actor(shape, state, **kw):
     from megatron_nft.actor import Actor
     from megatron_nft.config import OptimConfig
 
     kw = {"micro_batch_size": 2, "algo": AlgoConfig(name="nft", agg="token_sum_norm", agg_norm=50.0), **kw}
-    actor = (cls or Actor)(shape, optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0), **kw)
+    actor = Actor(shape, optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0), **kw)
+    _OPEN_ACTORS.append(actor)
     actor.load_hf(lambda n: state[n])
     return actor
 
 
 def _run_actor(actor, batch) -> dict:
-    micro, _ = actor._local_microbatches({k: batch[k] for k in ("tokens", "loss_mask")})
+    micro, _ = actor.microbatches.split({k: batch[k] for k in ("tokens", "loss_mask")})
     packed = [m["packed"].micro.rows for m in micro] if "packed" in micro[0] else None
     full_width, _ = actor.compute_logprobs({"tokens": batch["tokens"]})
     logprobs, entropy = actor.compute_logprobs(batch)
@@ -407,7 +416,7 @@ def _spawn_worker(rank, world_size, config, state, batch):
     for name, layout in SPAWN_LAYOUTS.items():
         actor = _actor(shape, state, max_tokens_per_micro_batch=BUDGET, **layout)
         out[name] = _run_actor(actor, batch)
-        del actor
+        _OPEN_ACTORS.pop().close()  # this actor: freed before the next layout's
     return out
 
 
@@ -443,7 +452,7 @@ def test_packed_infonca_keeps_groups_whole(model_and_batch):
     algo = dict(algo=AlgoConfig(name="infonca"), micro_batch_size=4)
     padded = _actor(shape, state, **algo).train_step(batch, group_size=4)
     actor = _actor(shape, state, max_tokens_per_micro_batch=48, **algo)
-    micro, _ = actor._local_microbatches({k: batch[k] for k in ("tokens", "loss_mask")}, group_size=4)
+    micro, _ = actor.microbatches.split({k: batch[k] for k in ("tokens", "loss_mask")}, group_size=4)
     assert sorted(sorted(m["packed"].micro.rows) for m in micro) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     rows_level = plan_packing(needed_lengths(batch["loss_mask"]), max_tokens=48)[0]
     assert any(len({r // 4 for r in mb.rows}) > 1 for mb in rows_level)
@@ -467,7 +476,7 @@ def test_infonca_groups_larger_than_a_micro_batch_give_the_same_step(path, model
     whole = whole_actor.train_step(batch, group_size=4)
     split_kw = {"micro_batch_size": 2} if path == "padded" else {"max_tokens_per_micro_batch": 20}
     split_actor = _actor(shape, state, **split_kw, **algo)
-    assert not split_actor._groups_fit(batch, 4)
+    assert not split_actor.microbatches.groups_fit(batch, 4)
     split = split_actor.train_step(batch, group_size=4)
     assert abs(whole["loss"]) > 1e-3
     assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
@@ -559,7 +568,7 @@ def test_recompute_gives_the_same_step(recompute, path, in_process, model_and_ba
     kw = {"max_tokens_per_micro_batch": BUDGET} if path == "packed" else {}
     actor = _actor(shape_from_hf(config), state, options=ModelOptions(recompute=recompute), **kw)
     assert actor.config.recompute_granularity == ("full" if recompute == "full" else "selective")
-    micro, _ = actor._local_microbatches({k: batch[k] for k in ("tokens", "loss_mask")})
+    micro, _ = actor.microbatches.split({k: batch[k] for k in ("tokens", "loss_mask")})
     counts = _forward_calls(actor)
     metrics = actor.train_step(batch)
     # each layer's forward runs once per micro-batch, and once more for what is recomputed
@@ -575,16 +584,17 @@ def test_recompute_gives_the_same_step(recompute, path, in_process, model_and_ba
 
 @pytest.mark.parametrize("path", ["padded", "packed"])
 def test_fp8_padding_changes_no_logprob_nor_step(path, in_process, model_and_batch):
-    from megatron_nft.actor import Actor
+    import dataclasses
+
     from megatron_nft.model.qwen2 import shape_from_hf
 
     config, state, batch, _ = model_and_batch
-    # rows padded as FP8 pads them, on CPU without Transformer Engine: this actor's alignment is 24
-    # tokens (a subclass), neither a divisor nor a multiple of the batch's 16 columns or of any row
-    aligned = type("AlignedActor", (Actor,), {"_alignment": 24})
+    # rows padded as FP8 pads them, on CPU without Transformer Engine: this actor's micro-batch plan
+    # aligns to 24 tokens, neither a divisor nor a multiple of the batch's 16 columns or of any row
     kw = {"max_tokens_per_micro_batch": 3 * 24} if path == "packed" else {}
-    actor = _actor(shape_from_hf(config), state, cls=aligned, **kw)
-    micro, _ = actor._local_microbatches({k: batch[k] for k in ("tokens", "loss_mask")})
+    actor = _actor(shape_from_hf(config), state, **kw)
+    actor.microbatches = dataclasses.replace(actor.microbatches, align=24)
+    micro, _ = actor.microbatches.split({k: batch[k] for k in ("tokens", "loss_mask")})
     if path == "padded":
         assert {m["tokens"].shape[1] for m in micro} == {24}  # 16 columns padded to 24
     else:
@@ -615,7 +625,7 @@ def test_fp8_actor_runs_rows_of_odd_width(model_and_batch):
     mask = batch["loss_mask"].bool()
     for kw in ({}, {"max_tokens_per_micro_batch": 64}):
         actor = _actor(shape, state, dtype="bf16", options=ModelOptions(impl="te", fp8="hybrid", fp8_recipe="tensorwise"), **kw)
-        assert actor._alignment == 16
+        assert actor.microbatches.align == 16
         logprobs, _ = actor.compute_logprobs(batch)
         assert torch.isfinite(logprobs).all() and (logprobs[mask] - bf16[mask]).abs().max() < 0.5
         assert math.isfinite(actor.train_step(batch)["loss"])

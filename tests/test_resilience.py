@@ -189,17 +189,18 @@ def test_nonfinite_loss_skips_the_update(tmp_path, monkeypatch):
     grads.zero_()
     for chunk in (actor_module.FINITE_CHECK_CHUNK, 7):
         monkeypatch.setattr(actor_module, "FINITE_CHECK_CHUNK", chunk)
-        assert actor._grads_finite()
+        assert actor.grads_finite()
         for where, value in ((0, float("nan")), (grads.numel() // 2, float("inf")), (grads.numel() - 1, float("-inf"))):
             grads[where] = value
-            assert not actor._grads_finite(), (chunk, where)
+            assert not actor.grads_finite(), (chunk, where)
             grads[where] = 0.0
 
 
 def test_actors_built_in_one_process_are_freed():
-    """A new actor ends the previous one (Megatron's parallel state is per process) and frees it: its
-    DDP, gradient buffers and gloo file descriptors do not pile up (they did: megatron-core's gradient
-    hooks form a cycle through C++ autograd nodes that gc cannot collect; Actor.close breaks it)."""
+    """An actor lives until it is closed (close() or the end of its `with` block), and a closed one is
+    freed: its DDP, gradient buffers and gloo file descriptors do not pile up (they did: megatron-core's
+    gradient hooks form a cycle through C++ autograd nodes that gc cannot collect; close breaks it).
+    Building another actor does not end an open one behind its owner's back."""
     import gc
     import os
     import weakref
@@ -210,9 +211,22 @@ def test_actors_built_in_one_process_are_freed():
 
     shape = shape_from_hf(random_qwen2()[0])
     fds, ddps = [], []
-    for _ in range(3):
-        ddps.append(weakref.ref(Actor(shape, micro_batch_size=4).model))  # the actor itself is dropped
+    for i in range(3):
+        if i % 2:
+            actor = Actor(shape, micro_batch_size=4)
+            actor.close()
+        else:
+            with Actor(shape, micro_batch_size=4) as actor:
+                pass
+        ddps.append(weakref.ref(actor.model))
+        del actor
         gc.collect()
         fds.append(len(os.listdir("/proc/self/fd")))
-    assert ddps[0]() is None and ddps[1]() is None  # released by the next actor
+    assert [ref() for ref in ddps] == [None] * 3
     assert fds[2] <= fds[0] + 4, fds  # a leaked actor held ~80 descriptors
+
+    with Actor(shape, micro_batch_size=4) as first:
+        hooks = len(first.model.grad_accs)
+        with Actor(shape, micro_batch_size=4):
+            assert hooks > 0 and len(first.model.grad_accs) == hooks and not first.closed
+    assert first.closed and first.model.grad_accs == []

@@ -418,8 +418,7 @@ def _sync_worker(rank, world_size, config, state, url, sync_dir, prompts):
             completions = engine.generate(prompts, SamplingParams(max_new_tokens=8, n=2, seed=version))
             box = [[(prompts[c.prompt_index], c.token_ids, c.logprobs, c.weight_version) for c in completions]]
         else:
-            for _ in actor.hf_tensors():  # every rank takes part in the gather
-                pass
+            assert list(actor.hf_tensors()) == []  # this rank's part of the gather is done within the call
         dist.broadcast_object_list(box, src=0)
         rows = box[0]
         width = max(len(p) + len(t) for p, t, _, _ in rows)
