@@ -241,8 +241,10 @@ def resolve_megatron_checkpoint(ckpt: Path) -> Path:
         ckpt = ckpt / "actor"
     if not dist_checkpointing.check_is_distributed_checkpoint(str(ckpt)):
         raise CheckpointError(f"--ckpt {ckpt}: not a megatron-core distributed checkpoint (no valid metadata.json)")
-    if not (ckpt / "actor_state.json").is_file():
-        raise CheckpointError(f"--ckpt {ckpt}: no actor_state.json (not written by megatron-nft)")
+    from megatron_nft import actor_state
+
+    if not (ckpt / actor_state.FILE).is_file():
+        raise CheckpointError(f"--ckpt {ckpt}: no {actor_state.FILE} (not written by megatron-nft)")
     return ckpt
 
 

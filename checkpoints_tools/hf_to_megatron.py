@@ -1,9 +1,9 @@
 """Hugging Face Qwen2 checkpoint -> megatron-core distributed checkpoint (torch_dist).
 
 The result loads at any TP/PP that divides the model (the format is resharding-capable), e.g. with
-Actor.load_checkpoint(OUT, with_optimizer=False). Each rank builds only its GPTModel partition (no
-DDP, no optimizer, no random init) and fills it from the safetensors files one mapping rule at a time,
-so a rank holds its partition plus about one layer of HF tensors.
+Actor.load_checkpoint(OUT, with_optimizer=False). Each rank builds only its GPTModel partition (a
+model.bundle.ModelBundle: no DDP, no optimizer, no random init) and fills it from the safetensors
+files one mapping rule at a time, so a rank holds its partition plus about one layer of HF tensors.
 """
 
 from __future__ import annotations
@@ -40,63 +40,26 @@ def build_parser() -> common.Parser:
 
 def convert_rank(hf_dir: str, out: str, shape, tp: int, pp: int, dtype: str) -> dict:
     """One rank's part of the conversion (the default process group exists)."""
-    import torch
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
-    from megatron_nft import runtime
-    from megatron_nft.actor import DTYPES as TORCH_DTYPES
-    from megatron_nft.model import mapping
+    from megatron_nft.actor_state import ActorState
+    from megatron_nft.model.bundle import ModelBundle
     from megatron_nft.model.hf_io import hf_tensor_reader
-    from megatron_nft.model.qwen2 import ModelOptions, build_gpt_model, te_available, transformer_config
 
     out = Path(out)
     start = time.perf_counter()
-    runtime.init_model_parallel(runtime.ParallelLayout(tp=tp, pp=pp), seed=0)
+    # the actor's default options ("auto": TE layers where TE and CUDA are), so that the checkpoint's
+    # names match; no random init, as every parameter is filled from the HF tensors
+    bundle = ModelBundle.build(shape, tp=tp, pp=pp, dtype=dtype, seed=0, initialize=False)
     main = dist.get_rank() == 0
     if main:
         common.begin_output(out)
     common.barrier()
     tmp = common.staging_dir(out)
-
-    # the actor's default ("auto"): TE layers where TE and CUDA are, so the checkpoint's names match
-    options = ModelOptions().resolved(cuda=torch.cuda.is_available(), te=te_available(), dtype=TORCH_DTYPES[dtype],
-                                      num_layers=shape.num_layers, pp=pp)
-    use_te = options.use_te
-    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    layers = shape.num_layers // pp
-    offset = ps.get_pipeline_model_parallel_rank() * layers
-    with runtime.megatron_device_compat():
-        config = transformer_config(shape, dtype=TORCH_DTYPES[dtype], tp=tp, pp=pp, options=options)
-        config.perform_initialization = False  # every parameter is overwritten below
-        model = build_gpt_model(shape, config, tp=tp, options=options, pre_process=first, post_process=last)
-    params = dict(model.named_parameters())
-    table = mapping.rules_by_megatron_name(
-        shape, use_te=use_te, layer_offset=offset, num_local_layers=layers, first_stage=first, last_stage=last
-    )
-    unmapped = sorted(set(params) - set(table))
-    if unmapped:
-        raise RuntimeError(f"no HF mapping for Megatron parameters {unmapped}")
-    filled = set()
-    with torch.no_grad():
-        for name, shard in mapping.megatron_shard_state(
-            shape, hf_tensor_reader(hf_dir), tp_rank=ps.get_tensor_model_parallel_rank(), tp=tp,
-            layer_offset=offset, num_local_layers=layers, first_stage=first, last_stage=last, use_te=use_te,
-        ):
-            param = params[name]
-            if param.shape != shard.shape:
-                raise RuntimeError(f"{name}: the mapping gives {tuple(shard.shape)}, Megatron has {tuple(param.shape)}")
-            param.copy_(shard)
-            filled.add(name)
-            del shard
-    if set(params) - filled:
-        raise RuntimeError(f"parameters left unfilled: {sorted(set(params) - filled)}")
-    with runtime.megatron_device_compat():
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+    bundle.load_hf(hf_tensor_reader(hf_dir))
+    bundle.save(tmp)
     if main:
-        # Actor.load_checkpoint reads the step count from here; an imported model has taken none.
-        (tmp / "actor_state.json").write_text(json.dumps({"steps": 0}))
+        ActorState().write(tmp)  # an imported model: no update taken, no optimizer state
         (tmp / "converted_from_hf.json").write_text(
             json.dumps(
                 {"hf": str(Path(hf_dir).resolve()), "tp": tp, "pp": pp, "dtype": dtype, "format": "torch_dist",
@@ -109,7 +72,8 @@ def convert_rank(hf_dir: str, out: str, shape, tp: int, pp: int, dtype: str) -> 
         common.publish_output(out)
     common.barrier()
     nbytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if main else 0
-    return {"seconds": time.perf_counter() - start, "bytes": nbytes, "params": sum(p.numel() for p in params.values())}
+    return {"seconds": time.perf_counter() - start, "bytes": nbytes,
+            "params": sum(p.numel() for p in bundle.model.parameters())}
 
 
 def _main(argv) -> int:

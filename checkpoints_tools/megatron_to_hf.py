@@ -1,8 +1,8 @@
 """megatron-core distributed checkpoint -> Hugging Face Qwen2 checkpoint (sharded safetensors + index).
 
-Loads the checkpoint into an Actor at the requested layout and exports through Actor.hf_tensors() (the
-same gather that feeds weight sync to rollout engines); config.json, the tokenizer and the other
-non-weight files come from --hf-config. The result loads with transformers' from_pretrained.
+Loads the checkpoint's weights into the model at the requested layout (model.bundle.ModelBundle) and
+exports through its hf_tensors() (the same gather that feeds the actor's weight sync to rollout
+engines); config.json, the tokenizer and the other non-weight files come from --hf-config. The result loads with transformers' from_pretrained.
 """
 
 from __future__ import annotations
@@ -48,15 +48,15 @@ def export_rank(ckpt: str, hf_config: str, out: str, shape, tp: int, pp: int, dt
     """One rank's part of the export (the default process group exists)."""
     import torch.distributed as dist
 
-    from megatron_nft.actor import DTYPES as TORCH_DTYPES
-    from megatron_nft.actor import Actor
+    from megatron_nft.model.bundle import DTYPES as TORCH_DTYPES
+    from megatron_nft.model.bundle import ModelBundle
     from megatron_nft.model.hf_io import load_hf_config, save_hf_checkpoint
 
     out = Path(out)
     start = time.perf_counter()
-    actor = Actor(shape, tp=tp, pp=pp, dtype=dtype, micro_batch_size=1)
-    actor.load_checkpoint(ckpt, with_optimizer=False)
-    tensors = actor.hf_tensors()
+    bundle = ModelBundle.build(shape, tp=tp, pp=pp, dtype=dtype, seed=0, initialize=False)  # every weight is loaded
+    bundle.load(ckpt)
+    tensors = bundle.hf_tensors()  # the other ranks' part of the gather is done within this call
     nbytes = 0
     if dist.get_rank() == 0:
         # save_hf_checkpoint stages in OUT.tmp.tmp and renames it to OUT.tmp; the side files are added
@@ -71,9 +71,6 @@ def export_rank(ckpt: str, hf_config: str, out: str, shape, tp: int, pp: int, dt
         common.copy_hf_side_files(Path(hf_config), tmp, dtype)
         common.publish_output(out)
         nbytes = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith(".safetensors"))
-    else:
-        for _ in tensors:  # the other ranks take part in the gathers
-            pass
     common.barrier()
     return {"seconds": time.perf_counter() - start, "bytes": nbytes}
 

@@ -55,58 +55,14 @@ def random_tokens(vocab_size: int, batch_size: int, seq_len: int, seed: int):
     return torch.randint(0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def megatron_logits(actor, tokens):
-    """Full-vocabulary fp32 logits [B, S, vocab] of the actor's model on global rank 0 (None elsewhere):
-    one forward through megatron-core's schedule, TP shards all-gathered on the last stage, then sent
-    down the pipeline group."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_nft import runtime
-
-    batch, seq = tokens.shape
-    tokens = tokens.to(actor.device)
-    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=actor.device), diagonal=1)[None, None]
-    positions = torch.arange(seq, device=actor.device).expand(batch, seq)
-
-    def forward_step(data_iterator, model):
-        output = model(next(data_iterator), positions, causal)
-
-        def collect(out):
-            return out.sum() * 0.0, {"logits": out.detach().float().clone()}
-
-        return output, collect
-
-    actor.model.eval()
-    with torch.no_grad(), runtime.megatron_device_compat():
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[actor.model],
-            num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True,
-        )
-    vocab = actor.shape.vocab_size
-    if actor.last_stage:
-        local = outputs[0]["logits"].contiguous()
-        if actor.tp > 1:
-            parts = [torch.empty_like(local) for _ in range(actor.tp)]
-            dist.all_gather(parts, local, group=ps.get_tensor_model_parallel_group())
-            local = torch.cat(parts, dim=-1)
-        full = local[..., :vocab].contiguous()
-    else:
-        full = torch.empty(batch, seq, vocab, dtype=torch.float32, device=actor.device)
-    if actor.pp > 1:
-        dist.broadcast(full, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    return full.cpu() if dist.get_rank() == 0 else None
-
-
 def logits_rank(ckpt: str, shape, tp: int, pp: int, dtype: str, tokens):
-    """One rank: load the checkpoint into an Actor at tp/pp and return rank 0's logits."""
-    from megatron_nft.actor import Actor
+    """One rank: load the checkpoint's weights into the model at tp/pp and return rank 0's full-vocabulary
+    logits (ModelBundle.logits: one forward through megatron-core's schedule)."""
+    from megatron_nft.model.bundle import ModelBundle
 
-    actor = Actor(shape, tp=tp, pp=pp, dtype=dtype, micro_batch_size=tokens.shape[0])
-    actor.load_checkpoint(ckpt, with_optimizer=False)
-    return megatron_logits(actor, tokens)
+    bundle = ModelBundle.build(shape, tp=tp, pp=pp, dtype=dtype, seed=0, initialize=False)  # every weight is loaded
+    bundle.load(ckpt)
+    return bundle.logits(tokens)
 
 
 def hf_logits(hf_dir: Path, tokens):
