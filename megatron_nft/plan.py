@@ -36,7 +36,7 @@ saves the final hidden states, labels and the log-sum-exp per token; its forward
 [chunk, V/tp] buffers, its backward one plus the zero-initialised gradient of the output weight.
 
 The phases of a step do not overlap, so a GPU's peak is the largest of: the training step (static +
-activations + working set); the gradient finiteness check after the backward (actor._grads_finite runs
+activations + working set); the gradient finiteness check after the backward (Actor.grads_finite runs
 torch.isfinite on the fp32 gradient buffer in chunks of actor.FINITE_CHECK_CHUNK elements: 7 bytes per
 element of one chunk); with torch's
 non-fused Adam (CPU) the optimizer step (one fp32 temporary per shard parameter); the old-log-prob
@@ -486,7 +486,7 @@ def stage_phases(shape, work: Workload, layout: Layout, settings: Settings, stag
     params = sum(stage_parameters(shape, layout.tp, layout.pp, stage).values())
     phases = [
         Line("training step peak", sum(x.value for x in memory), "static + activations + working set (above)"),
-        # actor._grads_finite: torch.isfinite over one chunk of the fp32 gradient buffer evaluates
+        # Actor.grads_finite: torch.isfinite over one chunk of the fp32 gradient buffer evaluates
         # (g == g) * (|g| != inf), holding |g| and three boolean tensors at once
         Line("gradient finiteness check", static + 7 * min(params, FINITE_CHECK_CHUNK),
              f"static + 7 B x {min(params, FINITE_CHECK_CHUNK):,} gradient elements (torch.isfinite, one chunk at a time)"),

@@ -381,7 +381,8 @@ def _destroy_model_parallel(parallel_state) -> None:
     registry until it is destroyed (measured: 20 more registered groups per actor a process builds).
     So a new layout destroys every group created since the previous one began, keeping the ones from
     before (the default group). The groups' descriptors are only freed once nothing holds them:
-    actor._release breaks the cycle that kept every previous actor's DDP (and its groups) alive."""
+    Actor.close (megatron_workarounds.release_ddp) breaks the cycle that keeps an actor's DDP (and its
+    groups) alive."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     keep = set(_groups_before_layout) | {dist.group.WORLD, *_host_groups}
