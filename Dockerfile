@@ -55,15 +55,23 @@ RUN pip install --no-deps /opt/megatron-nft
 #    NGC-like constraint). Rollout nodes run /opt/sglang/bin/python -m sglang.launch_server.
 #    NCCL: SGLang's torch brings its own libnccl wheel, and NCCL peers must run one version, so the
 #    venv gets the NCCL release the trainer's torch was built with (the nccl weight transport between
-#    trainer and servers needs it; smoke.sh compares the two). Its CUDA 13 wheels need a host driver
-#    that supports CUDA 13.
+#    trainer and servers needs it) when SGLang's torch still loads with it (a torch built against a
+#    newer NCCL may need its symbols); otherwise the mismatch is recorded and smoke.sh says so (the
+#    default disk transport needs no shared NCCL). Its CUDA 13 wheels need a host driver with CUDA 13.
 RUN python -m venv /opt/sglang \
  && SGLANG_PIP="env -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null /opt/sglang/bin/pip" \
  && ${SGLANG_PIP} install --upgrade pip \
  && ${SGLANG_PIP} install "sglang==${SGLANG_VERSION}" \
  && NCCL_VERSION=$(python -c "import torch; print('.'.join(map(str, torch.cuda.nccl.version())))") \
- && NCCL_WHEEL=$(/opt/sglang/bin/pip list --format=freeze | sed -n 's/^\(nvidia-nccl-cu[0-9]*\)==.*/\1/p') \
- && if [ -n "${NCCL_WHEEL}" ]; then ${SGLANG_PIP} install --no-deps "${NCCL_WHEEL}==${NCCL_VERSION}"; fi
+ && NCCL_WHEEL=$(/opt/sglang/bin/pip list --format=freeze | sed -n 's/^\(nvidia-nccl-cu[0-9]*==.*\)/\1/p') \
+ && if [ -n "${NCCL_WHEEL}" ] && ${SGLANG_PIP} install --no-deps "${NCCL_WHEEL%%==*}==${NCCL_VERSION}" \
+      && /opt/sglang/bin/python -c "import torch.distributed"; then \
+      echo "SGLang venv: NCCL ${NCCL_VERSION}, the trainer's"; \
+    else \
+      echo "SGLang venv: cannot run the trainer's NCCL ${NCCL_VERSION}; keeping ${NCCL_WHEEL} (weight_transport=nccl unusable, disk works)" \
+        | tee /opt/sglang/NCCL_MISMATCH; \
+      ${SGLANG_PIP} install --no-deps "${NCCL_WHEEL}"; \
+    fi
 
 # 4. Smoke test at build time (no GPU here: imports that need one are checked when one is visible).
 COPY docker /opt/megatron-nft/docker

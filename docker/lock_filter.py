@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 
 def _name(requirement: str) -> str:
@@ -46,8 +47,8 @@ def main(argv: list[str]) -> int:
         print("usage: python docker/lock_filter.py LOCK_FILE CONSTRAINTS_FILE", file=sys.stderr)
         return 2
     try:
-        lock = open(argv[0]).read().splitlines()
-        constraints = open(argv[1]).read().splitlines()
+        lock = Path(argv[0]).read_text().splitlines()
+        constraints = Path(argv[1]).read_text().splitlines()
     except OSError as e:
         print(f"lock_filter: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 1

@@ -197,7 +197,7 @@ def _stubs(tmp_path, *, python_sleeps=False):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "torchrun").write_text(STUB_TORCHRUN.format(out=tmp_path))
-    wait = "touch {0}/python.ready; while :; do sleep 0.05; done\n".format(tmp_path) if python_sleeps else ""
+    wait = f"touch {tmp_path}/python.ready; while :; do sleep 0.05; done\n" if python_sleeps else ""
     (bin_dir / "python").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/python.args\n{wait}')
     for tool in ("torchrun", "python"):
         (bin_dir / tool).chmod(0o755)
@@ -218,9 +218,9 @@ def _run_trainer_script(text, tmp_path, restarts, run_dir, run_dir_exists, check
     its own at once); returns torchrun's and python's arguments."""
     _prepare_run_dir(run_dir, run_dir_exists, checkpoint)
     env = {**_stubs(tmp_path), "SLURM_RESTART_COUNT": str(restarts)}
-    script = trainer_script(text).replace("while :; do sleep 0.05; done", "")  # noqa: the stub worker's loop
+    # here the stub training process returns at once instead of running until it is told to stop
     (tmp_path / "bin" / "torchrun").write_text(STUB_TORCHRUN.format(out=tmp_path).replace("while :; do sleep 0.05; done", "true"))
-    subprocess.run(["bash", "-c", script], env=env, check=True)
+    subprocess.run(["bash", "-c", trainer_script(text)], env=env, check=True)
     return (tmp_path / "torchrun.args").read_text().splitlines(), (tmp_path / "python.args").read_text().splitlines()
 
 
