@@ -187,6 +187,8 @@ class Actor:
     # ------------------------------------------------------------------------------------------------
 
     def _run(self, micro: list[dict], loss_func_for: Callable[[dict], Callable], *, forward_only: bool) -> list[dict]:
+        if self.closed:  # its gradient hooks are gone: a step would silently reduce no gradient
+            raise RuntimeError("this Actor is closed: build a new one")
         if "packed" in micro[0]:
             return self._run_packed(micro, loss_func_for, forward_only=forward_only)
         seq_len = micro[0]["tokens"].shape[1]

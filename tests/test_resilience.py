@@ -230,3 +230,5 @@ def test_actors_built_in_one_process_are_freed():
         with Actor(shape, micro_batch_size=4):
             assert hooks > 0 and len(first.model.grad_accs) == hooks and not first.closed
     assert first.closed and first.model.grad_accs == []
+    with pytest.raises(RuntimeError, match="closed"):  # not a step that silently reduces no gradient
+        first.compute_logprobs({"tokens": torch.zeros(2, 4, dtype=torch.long)})
