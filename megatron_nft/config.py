@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_nft.algorithms import (
-    ADV_STDS, AGGREGATIONS, ALGORITHMS, DEFAULT_AGG, DEFAULT_PROMPT_WEIGHT, GRPO_FAMILY, MAX_LOG_RATIO, PROMPT_WEIGHTS,
-    RHAT_CLAMP,
-)
+from megatron_nft.algorithms import ADV_STDS, AGGREGATIONS, MAX_LOG_RATIO, PROMPT_WEIGHTS, RHAT_CLAMP
+from megatron_nft.algorithms import DEFAULT as DEFAULT_ALGORITHM
+from megatron_nft.algorithms import algorithm, algorithms, is_algorithm, names
 from megatron_nft.errors import ConfigError
 from megatron_nft.model.qwen2 import FP8_FORMATS, FP8_RECIPES, IMPLEMENTATIONS, PACKED_ATTENTION, RECOMPUTE, ModelOptions
 from megatron_nft.reward import ANSWER_FORMATS
@@ -84,23 +83,15 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
-# Groups whose answers are all right or all wrong are dropped (DAPO dynamic sampling) by the algorithms
-# that the paper runs that way; GRPO and Dr.GRPO use every group (zero-variance ones contribute nothing),
-# RFT keeps every right answer, as rejection-sampling fine-tuning does.
-DEFAULT_DYNAMIC_SAMPLING = {"nft": True, "rft": False, "grpo": False, "dr_grpo": False, "dapo": True, "infonca": True}
-# DAPO's over-long buffer is 4096 of its 20480-token budget: a fifth of rollout.max_new_tokens.
-DAPO_OVERLONG_BUFFER_FRACTION = 0.2
-
-
 @dataclass
 class AlgoConfig:
     """The policy loss (see algorithms.policy_loss) and the batch it sees. Switching algorithm is
-    `algo.name`; fields left at None take that algorithm's own setting (DEFAULT_AGG,
-    DEFAULT_DYNAMIC_SAMPLING, DEFAULT_PROMPT_WEIGHT) when the config is loaded. docs/fidelity.md: how
-    each option compares with the official NFT code and verl."""
+    `algo.name`; fields left at None take that algorithm's own setting (its default_agg,
+    dynamic_sampling, default_prompt_weight: megatron_nft/algorithms/<name>.py) when the config is
+    loaded. docs/fidelity.md: how each option compares with the official NFT code and verl."""
 
-    name: str = choice("nft", ALGORITHMS)
-    # ω(q) of nft / rft; None: the algorithm's own (nft 1 - r̂; rft 1, the official scripts' is 1 - r̂)
+    name: str = choice(DEFAULT_ALGORITHM, names())
+    # ω(q) of the NFT losses; None: the algorithm's own (nft 1 - r̂; rft 1, the official scripts' is 1 - r̂)
     prompt_weight: str | None = choice(None, (None, *PROMPT_WEIGHTS))
     eps: float = 1.0  # NFT's floor on the negative ratio term (the straight-through max_v)
     clip_low: float = 0.2  # GRPO family: PPO clip [1 - clip_low, 1 + clip_low]
@@ -116,19 +107,20 @@ class AlgoConfig:
     # by min(π_actor_old / π_rollout, tis_cap); None = off (identical engines need none).
     tis_cap: float | None = None
     adv_std: str = choice("unbiased", ADV_STDS)  # GRPO/DAPO's group std: verl's torch.std (K-1) or population (K)
-    max_log_ratio: float | None = MAX_LOG_RATIO  # nft / rft: log R capped, no gradient beyond (official: 10); null: off
-    rhat_clamp: float = RHAT_CLAMP  # nft / rft: r̂ of mixed groups clamped to [c, 1 - c] (official: 0.02); 0: off
+    max_log_ratio: float | None = MAX_LOG_RATIO  # NFT losses: log R capped, no gradient beyond (official: 10); null: off
+    rhat_clamp: float = RHAT_CLAMP  # NFT losses: r̂ of mixed groups clamped to [c, 1 - c] (official: 0.02); 0: off
     # The official FSDP trainer averages gradients over its W data-parallel ranks: its loss is
     # Σ / (agg_norm · W). token_sum_norm divides by agg_norm · reference_dp_world to reproduce it.
     reference_dp_world: int = 1
 
     def resolved(self) -> "AlgoConfig":
         """This config with the algorithm's own settings in the fields left at None."""
+        own = algorithm(self.name)
         return dataclasses.replace(
             self,
-            agg=DEFAULT_AGG[self.name] if self.agg is None else self.agg,
-            dynamic_sampling=DEFAULT_DYNAMIC_SAMPLING[self.name] if self.dynamic_sampling is None else self.dynamic_sampling,
-            prompt_weight=DEFAULT_PROMPT_WEIGHT.get(self.name) if self.prompt_weight is None else self.prompt_weight,
+            agg=own.default_agg if self.agg is None else self.agg,
+            dynamic_sampling=own.dynamic_sampling if self.dynamic_sampling is None else self.dynamic_sampling,
+            prompt_weight=own.default_prompt_weight if self.prompt_weight is None else self.prompt_weight,
         )
 
 
@@ -305,12 +297,12 @@ def _recipe_layers(path: Path, seen: tuple[Path, ...]) -> list:
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     """Fills the fields whose default depends on the algorithm (left at None); done once, at load."""
-    if cfg.algo.name not in ALGORITHMS:
+    if not is_algorithm(cfg.algo.name):
         return cfg  # validate() names the bad value
     algo = cfg.algo.resolved()
     buffer = cfg.reward.overlong_buffer
     if buffer is None:
-        buffer = int(DAPO_OVERLONG_BUFFER_FRACTION * cfg.rollout.max_new_tokens) if algo.name == "dapo" else 0
+        buffer = int(algorithm(algo.name).overlong_buffer_fraction * cfg.rollout.max_new_tokens)
     data = dataclasses.replace(cfg.data, seed=cfg.run.seed if cfg.data.seed is None else cfg.data.seed)
     return dataclasses.replace(cfg, algo=algo, data=data, reward=dataclasses.replace(cfg.reward, overlong_buffer=buffer))
 
@@ -436,8 +428,8 @@ def validate(cfg: TrainConfig) -> None:
         p.cp == 1 or p.max_tokens_per_micro_batch is not None,
         f"parallel.cp={p.cp} needs parallel.max_tokens_per_micro_batch: context parallel runs on packed sequences",
     )
-    if a.name == "infonca":
-        _require(r.samples_per_prompt >= 2, f"rollout.samples_per_prompt={r.samples_per_prompt}: algo.name=infonca contrasts the answers of a prompt and needs K >= 2")
+    for message in algorithm(a.name).config_errors(cfg):  # the algorithm's own needs, before the generic checks below
+        raise ConfigError(message)
     _require(r.samples_per_prompt >= 2, f"rollout.samples_per_prompt={r.samples_per_prompt}: group statistics need at least 2 answers per prompt")
     _require(r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
     _require(r.gen_prompts >= r.prompts_per_step, f"rollout.gen_prompts={r.gen_prompts} must be >= rollout.prompts_per_step={r.prompts_per_step}")
@@ -484,23 +476,16 @@ def _validate_algorithm_combination(cfg: TrainConfig) -> None:
     """Settings that mean nothing (or something else) for the chosen algorithm are errors, before any
     work starts."""
     a, r, rw = cfg.algo, cfg.rollout, cfg.reward
-    sequence_level = a.name == "infonca"
+    own = algorithm(a.name)
     _require(
-        not (a.agg == "group_mean" and not sequence_level),
-        f"algo.agg=group_mean averages per-prompt losses and only applies to algo.name=infonca (got algo.name={a.name}); "
-        f"use token_sum_norm or token_mean",
-    )
-    _require(
-        not (a.agg == "token_mean" and sequence_level),
-        "algo.name=infonca has a per-prompt loss: algo.agg must be group_mean (default) or token_sum_norm, not token_mean",
+        a.agg in own.aggregations,
+        f"algo.agg={a.agg} does not apply to algo.name={a.name}: it takes {' or '.join(own.aggregations)} "
+        f"({a.agg} is for {', '.join(x.name for x in algorithms() if a.agg in x.aggregations)})",
     )
     if a.tis_cap is not None:
         _require(a.tis_cap > 0, f"algo.tis_cap={a.tis_cap}: must be > 0 (or null to turn it off)")
-        _require(not sequence_level, "algo.tis_cap weights per-token losses; algo.name=infonca has a per-prompt loss (set algo.tis_cap=null)")
-    if sequence_level:
-        _require(a.beta > 0, f"algo.beta={a.beta}: must be > 0")
-        _require(a.sft_coef >= 0, f"algo.sft_coef={a.sft_coef}: must be >= 0")
-        _require(a.target_temperature >= 0, f"algo.target_temperature={a.target_temperature}: must be >= 0")
+        _require(not own.sequence_level,
+                 f"algo.tis_cap weights per-token losses; algo.name={a.name} has a sequence-level loss (set algo.tis_cap=null)")
     buffer = rw.overlong_buffer or 0
     _require(buffer >= 0, f"reward.overlong_buffer={buffer}: must be >= 0")
     _require(rw.overlong_penalty >= 0, f"reward.overlong_penalty={rw.overlong_penalty}: must be >= 0")
@@ -513,9 +498,10 @@ def _validate_algorithm_combination(cfg: TrainConfig) -> None:
     )
     if buffer:
         _require(
-            a.name in GRPO_FAMILY,
-            f"reward.overlong_buffer={buffer}: over-long shaping makes rewards non-binary, which only the GRPO family's "
-            f"advantage accepts; algo.name={a.name} needs r in {{0, 1}} (set reward.overlong_buffer=0)",
+            own.shaped_rewards,
+            f"reward.overlong_buffer={buffer}: over-long shaping makes rewards non-binary, which only "
+            f"{', '.join(x.name for x in algorithms() if x.shaped_rewards)} accept; algo.name={a.name} needs r in {{0, 1}} "
+            f"(set reward.overlong_buffer=0)",
         )
         _require(
             buffer < r.max_new_tokens,

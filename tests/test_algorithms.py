@@ -14,20 +14,19 @@ import pytest
 import torch
 
 from megatron_nft.algorithms import (
-    ALGORITHMS,
-    STATS_KEYS,
-    STATS_MAX,
-    STATS_MEAN,
-    STATS_MIN,
-    STATS_SUM,
+    LossStats,
+    algorithm,
     dynamic_sampling_keep,
     group_correct_rate,
+    names,
     policy_loss,
     prompt_weights,
 )
 
-# The per-token losses; InfoNCA (sequence level, whole groups) has its own tests in test_baselines.py.
-TOKEN_ALGORITHMS = tuple(a for a in ALGORITHMS if a != "infonca")
+# The per-token losses; the sequence-level ones (InfoNCA, nft_seq) have their own tests.
+TOKEN_ALGORITHMS = tuple(a for a in names() if not algorithm(a).sequence_level)
+REDUCTIONS = LossStats.reductions()  # how each stat reduces over micro-batches, as declared
+STATS_KEYS = tuple(REDUCTIONS)
 K = 4
 POSITIVES = [1, 2, 3, 0, 4, 2]  # per group: r̂ = .25, .5, .75, 0 (all wrong), 1 (all right), .5
 B, T, V = K * len(POSITIVES), 7, 9
@@ -325,14 +324,15 @@ def test_stats_are_detached_scalars_reducible_over_micro_batches(algorithm):
         policy_loss(algorithm, logp[s], old[s], *(a[s] for a in args), group_size=K)[1]
         for s in (slice(0, 6), slice(6, 11), slice(11, B))
     ]
-    for k in STATS_SUM:
-        close(sum(p[k] for p in parts), full[k])
-    for k, count in STATS_MEAN.items():
-        close(sum(p[k] * p[count] for p in parts) / sum(p[count] for p in parts), full[k])
-    for k in STATS_MIN:
-        close(min(p[k] for p in parts), full[k])
-    for k in STATS_MAX:
-        close(max(p[k] for p in parts), full[k])
+    for k, r in REDUCTIONS.items():
+        if r.how == "sum":
+            close(sum(p[k] for p in parts), full[k])
+        elif r.how == "mean":
+            close(sum(p[k] * p[r.over] for p in parts) / sum(p[r.over] for p in parts), full[k])
+            if r.of is not None:  # the mean of a carried sum
+                close(full[r.of] / full[r.over].clamp_min(1.0), full[k])
+        else:
+            close((min if r.how == "min" else max)(p[k] for p in parts), full[k])
 
 
 def test_empty_mask_gives_zero_loss_and_reduction_identities():
@@ -398,7 +398,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name) as err:
         policy_loss(algorithm, logp, logp, b.rewards, b.correct_rate, b.mask, **kwargs)
     if name in ("algorithm", "prompt_weight", "agg"):
-        allowed = {"algorithm": ALGORITHMS, "prompt_weight": ("uniform", "one_minus_r", "grpo"),
+        allowed = {"algorithm": names(), "prompt_weight": ("uniform", "one_minus_r", "grpo"),
                    "agg": ("token_sum_norm", "token_mean", "group_mean")}[name]
         assert all(a in str(err.value) for a in allowed)
 
@@ -410,3 +410,112 @@ def test_bad_shapes_raise_value_error_naming_them():
         policy_loss("nft", logp, logp, b.rewards, b.correct_rate, b.mask[:, :-1])
     with pytest.raises(ValueError, match="correct_rate"):
         policy_loss("nft", logp, logp, b.rewards, b.correct_rate[:-1], b.mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the registry and the statistics declarations
+
+
+def test_every_algorithm_module_is_registered_with_consistent_settings():
+    import importlib
+    import pkgutil
+
+    import megatron_nft.algorithms as package
+    from megatron_nft.algorithms import AGGREGATIONS, PROMPT_WEIGHTS, Algorithm
+
+    defined = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"megatron_nft.algorithms.{info.name}")
+        defined |= {v.name for v in vars(module).values() if isinstance(v, Algorithm)}
+    assert defined == set(names()) and {"nft", "rft", "grpo", "dr_grpo", "dapo", "infonca", "nft_seq"} <= defined
+    for name in names():
+        a = algorithm(name)
+        assert a.name == name and a.aggregations and set(a.aggregations) <= set(AGGREGATIONS)
+        assert a.default_prompt_weight in (None, *PROMPT_WEIGHTS)
+        assert not a.couples_group or a.sequence_level  # a loss over a group is not a per-token loss
+        assert ("token_mean" in a.aggregations) == (not a.sequence_level)
+    with pytest.raises(ValueError, match="algorithm must be one of nft, rft"):
+        algorithm("ppo")
+
+
+def _name_comparisons(path):
+    """(line, text) of comparisons of an algo/name expression with a registered name, and of tables
+    (tuple / list / set / dict keys) holding two or more registered names."""
+    import ast
+
+    registered = set(names())
+    source = path.read_text()
+    found = []
+
+    def is_name(node):
+        return isinstance(node, ast.Constant) and node.value in registered
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            others = " ".join(ast.get_source_segment(source, o) or "" for o in operands if not is_name(o))
+            if any(is_name(o) for o in operands) and ("algo" in others or "name" in others):
+                found.append((node.lineno, ast.get_source_segment(source, node)))
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+            items = node.keys if isinstance(node, ast.Dict) else node.elts
+            if sum(is_name(i) for i in items if i is not None) >= 2:
+                found.append((node.lineno, ast.get_source_segment(source, node)[:80]))
+    return found
+
+
+def test_no_module_outside_the_algorithms_compares_algorithm_names(tmp_path):
+    """Settings, checks and the actor's branches come from the algorithm objects (issue #17)."""
+    from pathlib import Path
+
+    import megatron_nft
+
+    root = Path(megatron_nft.__file__).parent
+    offenders = {
+        str(p.relative_to(root)): hits
+        for p in sorted(root.rglob("*.py"))
+        if "algorithms" not in p.relative_to(root).parts and (hits := _name_comparisons(p))
+    }
+    assert not offenders, offenders
+    # the scan does see what it looks for
+    probe = tmp_path / "probe.py"
+    probe.write_text('if cfg.algo.name == "infonca":\n    pass\nFAMILY = ("grpo", "dapo")\nif fmt == "dapo":\n    pass\n')
+    assert [line for line, _ in _name_comparisons(probe)] == [1, 3]
+
+
+@pytest.mark.parametrize("name", names())
+def test_micro_batch_reduction_of_the_declared_stats_equals_the_whole_batch(name):
+    """Splitting a batch (whole groups), reducing the parts' stats with MicroBatchReduction (the
+    actor's reduction) gives the whole batch's stats: sums, means over their counts, min and max."""
+    from megatron_nft.algorithms import MicroBatchReduction
+
+    b = make_batch(13)
+    log_ratio = uniform(b, -0.8, 1.2)
+    logp = logprobs_of(b).detach()
+    old = old_at(b, logp, log_ratio)
+    args = (b.rewards, b.correct_rate, b.mask)
+    kw = {"group_size": K, "agg": "token_sum_norm", "agg_norm": 7.0, "neg_clip": 0.4}
+    _, full = policy_loss(name, logp, old, *args, **kw)
+    splits = (slice(0, 8), slice(8, 12), slice(12, B))
+    parts = [policy_loss(name, logp[s], old[s], *(a[s] for a in args), **kw)[1] for s in splits]
+    reduction = MicroBatchReduction(LossStats)
+    reduced = reduction.finish(*reduction.local(parts))
+    assert set(reduced) == set(STATS_KEYS)
+    for k, v in full.items():
+        assert reduced[k] == pytest.approx(v.item(), rel=1e-12, abs=1e-12), k
+    assert full["num_tokens"].item() > 0 and full["ratio_max"].item() > full["ratio_min"].item()
+
+
+def test_steps_average_by_declaration_and_keep_the_logged_metric_names():
+    from megatron_nft.algorithms import StepStats, average_steps
+
+    steps = [
+        {k: float(i + j) for j, k in enumerate(StepStats.reductions())} for i in (1.0, 4.0, 2.0)
+    ]
+    averaged = average_steps(StepStats, steps)
+    # the metric names the trainer has always logged (actor/<name>): a rename breaks every dashboard
+    assert set(averaged) == {"loss", "entropy", "grad_norm", "ratio_mean", "neg_floor_frac", "clip_frac", "lr",
+                             "ratio_min", "ratio_max"}
+    for k, v in averaged.items():
+        values = [s[k] for s in steps]
+        want = {"ratio_min": min(values), "ratio_max": max(values)}.get(k, sum(values) / 3)
+        assert v == want, k

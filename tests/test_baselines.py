@@ -171,6 +171,7 @@ DEMO = "recipes/demo.yaml"
         ("dr_grpo", "token_sum_norm", False, 0),
         ("dapo", "token_mean", True, 1),  # a fifth of the demo's 8-token budget
         ("infonca", "group_mean", True, 0),
+        ("nft_seq", "token_sum_norm", True, 0),
     ],
 )
 def test_switching_algorithm_is_one_field(name, agg, dynamic, buffer):
@@ -352,6 +353,96 @@ def test_grpo_family_advantage_equals_verl(k, algorithm):
             advantages(algorithm, scores, rhat, std)
 
 
+def official_nft_seq_loss(logp, old, r, rhat, mask, *, eps=1.0, normalize=1):
+    """The official NFT loss with ratio_type=sequence (neg_weight=1, clamp_positive=0) of one micro-batch:
+    R = exp(min(Σ_t mask·log R_t, 10)) per answer, the answers' losses summed, no divisor. ω per answer:
+    the official line multiplies the [B] losses by its [B, T]-tiled 1 - r̂, which broadcasts only when
+    B == T (docs/fidelity.md); this is the per-answer weight it means."""
+    ratio = torch.exp(((logp - old) * mask).sum(dim=-1).clamp(max=10.0))
+    rate = rhat.clamp(0.02, 0.98)
+
+    def floor(x, low):  # the official clamp_preserve_grad
+        return x + (x.clamp(min=low) - x).detach()
+
+    negative = -torch.log(floor((1.0 - rate * ratio) / (1.0 - rate), eps))
+    positive = -torch.log(floor(ratio, 0.0))
+    losses = negative * (1.0 - r) + r * positive
+    weight = {0: torch.ones_like(rate), 1: 1.0 - rate, 2: ((1.0 - rate) / rate) ** 0.5}[normalize]
+    return (losses * weight).sum()
+
+
+def seq_batch(k, positives, seed):
+    """Answers whose summed log-ratio spans -3..+18: some past the cap of 10, negatives past the ε floor."""
+    r = mixed_groups(k, positives, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    rows = len(r)
+    logp = torch.log(torch.rand(rows, T, generator=g, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    log_ratio = 3.5 * torch.rand(rows, T, generator=g, dtype=torch.float64) - 0.5
+    log_ratio[: rows // 2] -= 1.0  # and some below 1
+    mask = torch.rand(rows, T, generator=g) < 0.8
+    mask[:, 0] = True
+    return logp, logp.detach() - log_ratio, r, group_correct_rate(r, k), mask, (log_ratio * mask).sum(dim=1)
+
+
+@pytest.mark.parametrize("k, positives", [(4, [1, 2, 3]), (64, [1, 13, 63])])  # K = 64: r̂ = 1/64 < 0.02 clamps
+@pytest.mark.parametrize("normalize, prompt_weight", [(0, "uniform"), (1, "one_minus_r"), (2, "grpo")])
+@pytest.mark.parametrize("eps", [1.0, 0.1])
+def test_nft_seq_loss_and_gradient_equal_the_official_sequence_ratio(k, positives, normalize, prompt_weight, eps):
+    logp, old, r, rhat, mask, delta = seq_batch(k, positives, seed=k + 1)
+    want = official_nft_seq_loss(logp, old, r, rhat, mask.double(), eps=eps, normalize=normalize)
+    want_g = torch.autograd.grad(want, logp)[0]
+    loss, stats = policy_loss("nft_seq", logp, old, r, rhat, mask, prompt_weight=prompt_weight, neg_clip=eps, agg_norm=1.0)
+    close(loss, want, rtol=1e-9, atol=1e-12)
+    close(torch.autograd.grad(loss, logp)[0], want_g, rtol=1e-9, atol=1e-12)
+    assert (delta > 10).any() and (delta < 1).any()
+    assert stats["neg_floor_tokens"].item() > 0  # some negatives sit at the floor
+    token, _ = policy_loss("nft", logp, old, r, rhat, mask, prompt_weight=prompt_weight, neg_clip=eps, agg_norm=1.0)
+    assert not torch.allclose(token, loss)  # off-policy, one ratio per answer is another loss
+
+
+def test_nft_seq_per_token_gradient_closed_form():
+    """dL/d log π_t = m_t·(-ω)[r - (1-r)·r̂R / ((1-r̂)·max(x, ε))] / agg_norm with x = (1 - r̂R)/(1 - r̂)
+    and R = exp(Σ_t m_t log R_t) (straight-through floor: the gradient is scaled, never zeroed); 0 for
+    answers past the cap."""
+    logp, old, r, rhat, mask, delta = seq_batch(4, [1, 2, 3, 2], seed=7)
+    eps, norm = 0.3, 50.0
+    loss, _ = policy_loss("nft_seq", logp, old, r, rhat, mask, prompt_weight="one_minus_r", neg_clip=eps, agg_norm=norm)
+    grad = torch.autograd.grad(loss, logp)[0]
+    R = torch.exp(delta)
+    x = (1 - rhat * R) / (1 - rhat)
+    per_answer = -(1 - rhat) * (r - (1 - r) * rhat * R / ((1 - rhat) * torch.clamp(x, min=eps))) / norm
+    per_answer = torch.where(delta < 10, per_answer, 0.0)
+    close(grad, per_answer[:, None] * mask.double())
+    assert ((r == 0) & (x < eps) & (delta < 10)).any() and ((r == 0) & (x > eps)).any()
+
+
+def test_nft_seq_on_policy_is_zero_with_the_token_level_gradient():
+    logp, _, r, rhat, mask, _ = seq_batch(4, [1, 2, 3], seed=3)
+    seq, _ = policy_loss("nft_seq", logp, logp.detach(), r, rhat, mask)
+    token, _ = policy_loss("nft", logp, logp.detach(), r, rhat, mask)
+    assert seq.item() == 0.0
+    close(torch.autograd.grad(seq, logp)[0], torch.autograd.grad(token, logp)[0])
+
+
+def test_nft_seq_is_one_module_and_one_recipe_fragment():
+    """Everything the trainer needs about nft_seq comes from its module: defaults, and the combinations
+    it refuses (a per-answer loss takes no token weights, no token mean, no group mean, no shaped rewards)."""
+    import megatron_nft.algorithms.nft_seq as module
+    from megatron_nft.algorithms import algorithm
+
+    assert algorithm("nft_seq") is module.ALGORITHM and algorithm("nft_seq").sequence_level
+    cfg = load_config(DEMO, ["algo.name=nft_seq"])
+    assert (cfg.algo.agg, cfg.algo.dynamic_sampling, cfg.algo.prompt_weight, cfg.reward.overlong_buffer) == (
+        "token_sum_norm", True, "one_minus_r", 0)
+    fragment = load_config("recipes/algo/nft_seq.yaml")
+    assert (fragment.algo.name, fragment.algo.agg_norm, fragment.algo.eps, fragment.algo.max_log_ratio) == ("nft_seq", 1.0, 1.0, 10.0)
+    for override, words in [("algo.agg=token_mean", ["token_mean", "nft_seq"]), ("algo.agg=group_mean", ["group_mean", "infonca"]),
+                            ("algo.tis_cap=2", ["tis_cap", "nft_seq"]), ("reward.overlong_buffer=2", ["overlong_buffer=2", "nft_seq"])]:
+        with pytest.raises(ConfigError) as err:
+            load_config(DEMO, ["algo.name=nft_seq", override])
+        assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
 def test_official_rft_is_nft_without_negatives_and_the_recipes_use_it():
     """The official RFT: neg_weight 0 with normalize=1 (ω = 1 - r̂, clamped) and the cap; the recipes
     recipes/algo/rft.yaml and recipes/paper/*-rft.yaml run it with dynamic sampling, as its scripts do."""
@@ -492,4 +583,14 @@ def test_actor_passes_the_fidelity_options_to_the_loss():
     far = old - 11.0  # log R = 11 on every token: past the official cap
     assert grad_norm(nft, far) == 0.0
     assert grad_norm(dataclasses.replace(nft, max_log_ratio=None), far) > 0.0
+    # the loss the step reports is the configured algorithm's on the minibatch (nft_seq: one ratio per answer)
+    current, _ = actor.compute_logprobs({"tokens": tokens})
+    shifted = old + 0.2 * torch.rand(4, 8, generator=g)  # R < 1: above the ε floor, where the two differ
+    for name in ("nft_seq", "nft"):
+        actor.algo = AlgoConfig(name=name, agg_norm=10.0)
+        reported = actor.train_step({**batch, "old_logprobs": shifted}, group_size=4)["loss"]
+        want, _ = policy_loss(name, current.double(), shifted.double(), rewards.double(), batch["correct_rate"].double(), mask, agg_norm=10.0)
+        assert reported == pytest.approx(want.item(), rel=1e-5)
+    assert want.item() != pytest.approx(policy_loss("nft_seq", current.double(), shifted.double(), rewards.double(),
+                                                    batch["correct_rate"].double(), mask, agg_norm=10.0)[0].item(), rel=1e-3)
     actor.close()
