@@ -80,8 +80,7 @@ class Actor:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        shape.check_parallel(tp, pp)
-        check_packing(cp, max_tokens_per_micro_batch)
+        check_packing(cp, max_tokens_per_micro_batch)  # the layout's divisibility: ModelBundle.build
         self.shape, self.algo, self.temperature = shape, algo, temperature
         # "auto" options settle here, for this machine; a setting it cannot run is a ConfigError
         self.bundle = ModelBundle.build(shape, tp=tp, pp=pp, cp=cp, dtype=dtype, options=options, seed=seed)
