@@ -375,7 +375,7 @@ def _spawn(fn, world_size: int, args: tuple, timeout_s: float):
             done += 1
             if status == "ok":
                 if rank == 0:
-                    value = torch.load(io.BytesIO(payload), weights_only=False)
+                    value = torch.load(io.BytesIO(payload), weights_only=True)  # plain results: no pickles read
             else:
                 failure = (status, payload if status == "user" else f"rank {rank}:\n{payload}")
     finally:

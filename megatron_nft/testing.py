@@ -77,7 +77,7 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 900.0, strict
             except queue.Empty:
                 raise TimeoutError(f"{fn.__name__} on {world_size} ranks: no result within {timeout_s}s")
             if ok:
-                outputs[rank] = torch.load(io.BytesIO(value), weights_only=False)
+                outputs[rank] = torch.load(io.BytesIO(value), weights_only=True)  # tensors and plain containers
             else:
                 failures.append(f"rank {rank}:\n{value}")
                 break  # the other ranks are likely stuck in a collective
