@@ -128,7 +128,7 @@ TINY = [
     "rollout.prompts_per_step=4", "rollout.gen_prompts=8", "rollout.samples_per_prompt=4",
     "algo.num_minibatches=2", "eval.samples=2", "eval.every=2", "run.save_every=1", "reward.workers=1",
 ]
-SLOW_STEP, SLOW_S, TIMEOUT_S = 1, 12.0, 6
+SLOW_STEP, SLOW_S, TIMEOUT_S = 1, 25.0, 12
 
 
 def _run_worker(rank, world_size, run_dir):
