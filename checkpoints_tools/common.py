@@ -85,12 +85,6 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def check_layout(tp: int, pp: int) -> None:
-    for flag, value in (("--tp", tp), ("--pp", pp)):
-        if value < 1:
-            raise ConfigError(f"{flag} {value}: expected a positive integer")
-
-
 # ----------------------------------------------------------------------------------------------------
 # output folder: OUT.tmp, renamed to OUT when complete
 # ----------------------------------------------------------------------------------------------------
@@ -187,12 +181,10 @@ def read_hf_config(hf_dir: Path, flag: str):
 
 
 def check_parallel(shape, tp: int, pp: int, cfg_file: Path) -> None:
-    check_layout(tp, pp)
-    try:
-        shape.check_parallel(tp, pp)
-    except ConfigError as e:
-        reason = str(e).replace("parallel.tp=", "--tp ").replace("parallel.pp=", "--pp ")
-        raise ConfigError(f"{cfg_file}: {reason}") from None
+    """--tp / --pp against the model in cfg_file (the rule is Qwen2Shape.parallel_problems')."""
+    problems = shape.parallel_problems(tp, pp, "--tp ", "--pp ")
+    if problems:
+        raise ConfigError(f"{cfg_file}: {problems[0]}")
 
 
 def check_hf_tensors(hf_dir: Path, shape) -> str:

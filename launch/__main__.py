@@ -80,8 +80,7 @@ def resolve(recipe_name: str, cluster_file: str | None, overrides: list[str]):
     from launch.recipes import recipe
 
     launch_overrides, train_overrides = split_overrides(overrides)
-    cfg = load_launch_config(recipe(recipe_name), cluster_file, launch_overrides)
-    cfg.job.train_overrides = list(cfg.job.train_overrides) + train_overrides
+    cfg = load_launch_config(recipe(recipe_name), cluster_file, launch_overrides, train_overrides)
     if cfg.job.executor == "local" and cfg.job.train_recipe and not Path(cfg.job.train_recipe).is_absolute():
         # torchrun runs in the caller's directory; the recipe path is the repository's
         cfg.job.train_recipe = str(REPO / cfg.job.train_recipe)
@@ -93,7 +92,7 @@ def validate_trainer(cfg) -> None:
     parallel layout: a typo fails here, not after hours in the queue."""
     from megatron_nft.config import load_config
 
-    from launch.tasks import trainer_arguments
+    from launch.tasks import trainer_arguments, trainer_processes
 
     job = cfg.job
     recipe = job.train_recipe or str(REPO / "recipes" / "demo.yaml")
@@ -102,14 +101,9 @@ def validate_trainer(cfg) -> None:
     if job.rollout_nodes:
         overrides.append("rollout.urls=[http://rollout-node:30000]")  # the real hosts are known at run time
     train = load_config(path, overrides)
-    parallel = train.parallel
-    model_parallel = parallel.tp * parallel.pp * getattr(parallel, "cp", 1)
-    gpus = job.trainer_nodes * job.gpus_per_node
-    if gpus % model_parallel:
-        raise ConfigError(
-            f"job.trainer_nodes x job.gpus_per_node = {gpus} processes is not divisible by parallel.tp x pp x cp = "
-            f"{model_parallel} ({recipe})"
-        )
+    ranks = job.trainer_nodes * trainer_processes(cfg)
+    what = "job.trainer_nodes x (job.gpus_per_node - job.server_gpus)" if job.server_gpus else "job.trainer_nodes x job.gpus_per_node"
+    train.parallel.check_world(ranks, f"{what} = {ranks} processes", f" ({recipe})")
     if job.executor == "slurm":
         wandb_offline = cfg.cluster.env.get("WANDB_MODE") in ("offline", "disabled")
         if train.run.wandb_project and not wandb_offline and "WANDB_API_KEY" not in cfg.cluster.secret_env:

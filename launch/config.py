@@ -1,18 +1,19 @@
 """Typed launch settings: the cluster (site-specific, from a YAML file) and the job (from a named recipe).
 
-Both are filled the way training configs are: dataclass defaults <- YAML <- dotted overrides
-(`cluster.account=abc`, `job.trainer_nodes=8`), merged and type-checked by OmegaConf; a bad key or
-value stops the launch with one line naming it, before anything is generated or submitted.
+Both are filled by the training config's own loader (megatron_nft.config.merge_layers): dataclass
+defaults <- YAML <- dotted overrides (`cluster.account=abc`, `job.trainer_nodes=8`), type-checked by
+OmegaConf; a bad key or value stops the launch with one line naming it, before anything is generated
+or submitted.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_nft.errors import ConfigError
 
+REPO = Path(__file__).resolve().parent.parent  # job.train_recipe is a path in this repository
 EXECUTORS = ("local", "slurm")
 COMMANDS = ("train", "demo")
 # heterogeneous: one Slurm het group for the trainers and one per SGLang node; single: one allocation of
@@ -63,7 +64,9 @@ class JobConfig:
     trainer_nodes: int = 1
     gpus_per_node: int = 8  # processes per node (torchrun --nproc-per-node); CPU ranks locally
     rollout_nodes: int = 0  # > 0: a heterogeneous Slurm job with one SGLang server per node
-    rollout_tp: int = 1  # SGLang --tp-size; --dp-size fills the node
+    # SGLang --tp-size (--dp-size fills the node): the trainer's rollout.server_tp_size, one value under
+    # two names; None takes the training recipe's or a trainer override's, else 1 (settle_rollout_tp)
+    rollout_tp: int | None = None
     rollout_port: int = 30000
     rollout_mem_fraction: float = 0.85  # SGLang --mem-fraction-static
     rollout_deterministic: bool = True  # SGLang --enable-deterministic-inference (sampling seeds honoured)
@@ -123,40 +126,47 @@ class LaunchConfig:
         return int((job.step_minutes + job.save_minutes) * 60) + 180
 
 
-def load_launch_config(recipe: dict, cluster_file: str | Path | None = None, overrides: list[str] = ()) -> LaunchConfig:
-    """Defaults <- the named recipe's job fields <- the cluster YAML <- `cluster.*` / `job.*` overrides."""
+def load_launch_config(recipe: dict, cluster_file: str | Path | None = None, overrides: list[str] = (),
+                       train_overrides: list[str] = ()) -> LaunchConfig:
+    """Defaults <- the named recipe's job fields <- the cluster YAML <- `cluster.*` / `job.*` overrides;
+    `train_overrides` (the trainer's section.key=value) follow the job's own train_overrides."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    merged = OmegaConf.structured(LaunchConfig)
+    from megatron_nft.config import merge_layers, override_layer, read_yaml
+
     layers = [("recipe", OmegaConf.create({"job": recipe}))]
     if cluster_file is not None:
         path = Path(cluster_file)
-        if not path.is_file():
-            raise ConfigError(f"--cluster {path}: no such file")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:  # the YAML parser's own message names line and column
-            raise ConfigError(f"--cluster {path}: not valid YAML: {' '.join(str(e).split())}") from None
-        layers.append((f"--cluster {path}", OmegaConf.create({"cluster": loaded})))
+        layers.append((f"--cluster {path}", OmegaConf.create({"cluster": read_yaml(path, f"--cluster {path}")})))
     for item in overrides:
-        if "=" not in item or item.split(".", 1)[0] not in ("cluster", "job"):
+        if item.split(".", 1)[0] not in ("cluster", "job"):
             raise ConfigError(f"override {item!r}: expected cluster.key=value or job.key=value")
-        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
-    for origin, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as e:
-            key = getattr(e, "full_key", None) or "?"
-            if type(e).__name__ == "ConfigKeyError":
-                section = key.split(".")[0]
-                cls = {"cluster": ClusterConfig, "job": JobConfig}.get(section)
-                allowed = f" (allowed: {', '.join(f.name for f in dataclasses.fields(cls))})" if cls else ""
-                raise ConfigError(f"{origin}: unknown key '{key}'{allowed}") from None
-            raise ConfigError(f"{origin}: {key}: {str(e).splitlines()[0]}") from None
-    cfg: LaunchConfig = OmegaConf.to_object(merged)
+        layers.append(override_layer(item, "cluster.key=value or job.key=value"))
+    cfg: LaunchConfig = merge_layers(LaunchConfig, layers)
+    cfg.job.train_overrides = [*cfg.job.train_overrides, *train_overrides]
+    settle_rollout_tp(cfg)
     validate(cfg)
     return cfg
+
+
+def settle_rollout_tp(cfg: LaunchConfig) -> None:
+    """job.rollout_tp and the trainer's rollout.server_tp_size name one value, the TP of the SGLang
+    servers the launch starts: unset, it is what the training recipe or a trainer override states (else
+    1); set, it must agree with what they state. A contradiction is one line."""
+    from megatron_nft.config import stated_value
+
+    job = cfg.job
+    recipe = None
+    if job.train_recipe is not None:
+        recipe = Path(job.train_recipe) if Path(job.train_recipe).is_absolute() else REPO / job.train_recipe
+    stated = stated_value(recipe, job.train_overrides, "rollout.server_tp_size")
+    if not isinstance(stated, int) or isinstance(stated, bool):
+        stated = None  # not stated, or not a number: the trainer's loader names a bad value
+    if job.rollout_tp is None:
+        job.rollout_tp = 1 if stated is None else stated
+    elif stated is not None and stated != job.rollout_tp:
+        raise ConfigError(f"job.rollout_tp={job.rollout_tp} but rollout.server_tp_size={stated} (training recipe "
+                          f"{job.train_recipe} or a trainer override): both are the SGLang servers' TP; give one value")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -171,7 +181,8 @@ def validate(cfg: LaunchConfig) -> None:
     _require(job.trainer_nodes >= 1, f"job.trainer_nodes={job.trainer_nodes}: must be >= 1")
     _require(job.gpus_per_node >= 1, f"job.gpus_per_node={job.gpus_per_node}: must be >= 1")
     _require(job.rollout_nodes >= 0, f"job.rollout_nodes={job.rollout_nodes}: must be >= 0")
-    _require(job.rollout_tp >= 1 and job.gpus_per_node % job.rollout_tp == 0,
+    launches_servers = job.rollout_nodes or job.server_gpus
+    _require(job.rollout_tp >= 1 and (not launches_servers or job.gpus_per_node % job.rollout_tp == 0),
              f"job.rollout_tp={job.rollout_tp}: must divide job.gpus_per_node={job.gpus_per_node}")
     _require(0 < job.rollout_mem_fraction < 1, f"job.rollout_mem_fraction={job.rollout_mem_fraction}: must be in (0, 1)")
     _require(job.command == "demo" or job.train_recipe is not None,

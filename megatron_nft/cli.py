@@ -4,6 +4,7 @@
     megatron-nft train --recipe recipes/demo.yaml run.dir=runs/x algo.eps=0.5
     megatron-nft config --recipe recipes/demo.yaml     # print the resolved config and exit
     megatron-nft eval --hf runs/demo/hf --benchmarks aime24 amc23 --out runs/demo/eval
+    megatron-nft plan --recipe recipes/paper/qwen2.5-32b-nft.yaml --gpus 128   # the run train would start
     megatron-nft plan --model qwen2.5-32b --gpus 128 --prompt-len 2048 --response-len 14336
 
 Overrides are `section.key=value` (sections: model, parallel, optim, algo, rollout, data, reward,
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
             "  megatron-nft train --recipe my.yaml model.hf_path=/ckpt/Qwen2.5-Math-7B run.dir=runs/x\n"
             "  megatron-nft config --recipe recipes/demo.yaml      # print the resolved config\n"
             "  megatron-nft eval --hf runs/demo/hf --benchmarks aime24 amc23 --out runs/demo/eval\n"
-            "  megatron-nft plan --model qwen2.5-32b --gpus 128 --prompt-len 2048 --response-len 14336\n\n"
+            "  megatron-nft plan --recipe recipes/paper/qwen2.5-32b-nft.yaml --gpus 128\n\n"
             "Overrides are section.key=value; sections: model parallel optim algo rollout data reward eval\n"
             "warmup run. Multi-GPU: torchrun --nproc-per-node N -m megatron_nft.cli train ..."
         ),
@@ -108,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Per-GPU memory (weights, gradients, optimizer states, activations for the recompute mode, "
         "log-prob buffers, colocated KV cache) and step time (actor FLOPs at a stated MFU, rollout decode) "
         "for every parallel layout of --gpus GPUs; the layouts that fit, fastest first. Pure arithmetic: "
-        "formulas in megatron_nft/plan.py.",
+        "formulas in megatron_nft/plan.py. With --recipe (and overrides, as for train) the run is the one "
+        "`megatron-nft train` would start; without, flags describe it.",
     )
     plan.add_arguments(pl)
     return parser

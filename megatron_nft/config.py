@@ -58,6 +58,16 @@ class ModelConfig:
     fp8_recipe: str = choice("delayed", FP8_RECIPES)
     fp8_bf16_layers: int = 0  # under fp8: this many layers at each end of the model stay bf16
 
+    def random_shape(self):
+        """The Qwen2Shape of the random model built from the fields above when hf_path is unset (the
+        demo; the planner too). Rope and norm constants are the demo's (transformers' Qwen2 defaults)."""
+        from megatron_nft.model.qwen2 import Qwen2Shape
+
+        return Qwen2Shape(vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                          num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                          head_dim=self.hidden_size // self.num_heads, rope_theta=1e6, rms_norm_eps=1e-6,
+                          max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings)
+
 
 @dataclass
 class ParallelConfig:
@@ -69,6 +79,19 @@ class ParallelConfig:
     max_tokens_per_micro_batch: int | None = None
     # activation recompute: none | core_attn | mlp (Megatron's selective) | full (every layer, uniform)
     recompute: str = choice("none", RECOMPUTE)
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the model: tp * pp * cp."""
+        return self.tp * self.pp * self.cp
+
+    def check_world(self, world: int, world_name: str, hint: str = "") -> None:
+        """A world of `world` ranks (`world_name` says whose: WORLD_SIZE, --gpus, a launch's nodes x
+        GPUs) holds whole model copies; the one home of this rule (preflight, launch and plan ask here)."""
+        n = self.model_parallel_size
+        if world < 1 or world % n:
+            raise ConfigError(f"{world_name} is not a multiple of parallel.tp={self.tp} x parallel.pp={self.pp} x "
+                              f"parallel.cp={self.cp} = {n} (the ranks of one model copy){hint}")
 
 
 @dataclass
@@ -239,47 +262,75 @@ class TrainConfig:
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Defaults <- YAML recipe <- `section.key=value` overrides, then validation."""
+    layers = _recipe_layers(Path(recipe), ()) if recipe is not None else []
+    layers += [override_layer(item) for item in overrides]
+    cfg: TrainConfig = resolve_defaults(merge_layers(TrainConfig, layers))
+    validate(cfg)
+    return cfg
+
+
+def override_layer(item: str, expected: str = "section.key=value, e.g. algo.eps=0.5") -> tuple[str, Any]:
+    """(origin, layer) of one dotted `key=value` override; its value is parsed as YAML."""
+    from omegaconf import OmegaConf
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected {expected}")
+    try:  # `algo.eps=[0.5` is a yaml.YAMLError, not an OmegaConf one
+        return f"override {item!r}", OmegaConf.from_dotlist([item])
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError and friends: bad input, not a crash
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+
+
+def read_yaml(path: Path, origin: str):
+    """A YAML file as an OmegaConf node; one line naming `origin` when it is missing or not YAML."""
+    from omegaconf import OmegaConf
+
+    if not path.is_file():
+        raise ConfigError(f"{origin}: no such file")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends, with their own line/column
+        raise ConfigError(f"{origin}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def merge_layers(schema: type, layers: list[tuple[str, Any]]) -> Any:
+    """schema's defaults <- each (origin, layer) in order, as a schema instance: the one merge loop of
+    the training config and the launch settings. OmegaConf type-checks every value; a failure is one
+    ConfigError naming the layer and the key (an unknown key with the keys its section allows)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    merged = OmegaConf.structured(TrainConfig)
-    layers = _recipe_layers(Path(recipe), ()) if recipe is not None else []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. algo.eps=0.5")
-        try:  # the value is parsed as YAML: `algo.eps=[0.5` is a yaml.YAMLError, not an OmegaConf one
-            layer = OmegaConf.from_dotlist([item])
-        except Exception as e:  # noqa: BLE001 - yaml.YAMLError and friends: bad input, not a crash
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
-        layers.append((f"override {item!r}", layer))
+    merged = OmegaConf.structured(schema)
     for origin, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{origin}: {_explain(e)}") from None
+            raise ConfigError(f"{origin}: {_explain(e, schema)}") from None
     try:  # interpolations (`${...}`) resolve here, not at merge
-        resolved = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{_explain(e)} (an interpolation in the recipe or an override)") from None
-    cfg: TrainConfig = resolve_defaults(resolved)
-    validate(cfg)
-    return cfg
+        raise ConfigError(f"{_explain(e, schema)} (an interpolation in the recipe or an override)") from None
+
+
+def stated_value(recipe: str | Path | None, overrides: list[str], key: str) -> Any:
+    """The value a recipe (with its bases) and overrides give the dotted `key`, or None where none of
+    them sets it (the dataclass default applies): what a run states, as opposed to what it defaults to."""
+    from omegaconf import OmegaConf
+
+    layers = _recipe_layers(Path(recipe), ()) if recipe is not None else []
+    layers += [override_layer(item) for item in overrides if item.split("=", 1)[0] == key]
+    merged = OmegaConf.merge(OmegaConf.create(), *[layer for _, layer in layers]) if layers else OmegaConf.create()
+    return OmegaConf.select(merged, key, default=None)
 
 
 def _recipe_layers(path: Path, seen: tuple[Path, ...]) -> list:
     """A recipe's layers, its `base:` recipes first (a path or a list of paths, relative to the recipe;
     later ones override earlier ones, the recipe itself overrides them all)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig
 
-    if not path.is_file():
-        origin = f" (base of {seen[-1]})" if seen else ""
-        raise ConfigError(f"recipe {path}{origin}: no such file")
     if path.resolve() in seen:
         raise ConfigError(f"recipe {path}: `base:` includes itself ({' -> '.join(map(str, seen))})")
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError and friends, with their own line/column
-        raise ConfigError(f"recipe {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    loaded = read_yaml(path, f"recipe {path}" + (f" (base of {seen[-1]})" if seen else ""))
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"recipe {path}: expected a mapping of sections (model:, algo:, ...)")
     bases = loaded.pop("base", None)
@@ -307,18 +358,18 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, algo=algo, data=data, reward=dataclasses.replace(cfg.reward, overlong_buffer=buffer))
 
 
-def _explain(e) -> str:
+def _explain(e, schema: type) -> str:
     key = getattr(e, "full_key", None) or "?"
     msg = str(e).split("\n")[0]
     if type(e).__name__ == "ConfigKeyError":
         section = key.rsplit(".", 1)[0] if "." in key else None
-        allowed = _field_names(section)
+        allowed = _field_names(schema, section)
         return f"unknown key '{key}'" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
     return f"{key}: {msg}"
 
 
-def _field_names(section: str | None) -> list[str]:
-    obj: Any = TrainConfig()
+def _field_names(schema: type, section: str | None) -> list[str]:
+    obj: Any = schema()
     for part in section.split(".") if section else []:
         obj = getattr(obj, part, None)
     return [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []

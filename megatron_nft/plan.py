@@ -588,11 +588,7 @@ def _logprob_forward_scratch(shape, work, layout, settings) -> float:
 
 def _structural_problems(shape, work, layout) -> list[str]:
     """Why a layout cannot run at all (megatron-core would refuse it), whatever the memory."""
-    out = []
-    if shape.num_kv_heads % layout.tp or shape.num_heads % layout.tp or shape.intermediate_size % layout.tp:
-        out.append(f"TP {layout.tp} does not divide the heads / FFN width")
-    if shape.num_layers % layout.pp:
-        out.append(f"PP {layout.pp} does not divide {shape.num_layers} layers")
+    out = shape.parallel_problems(layout.tp, layout.pp, "TP ", "PP ")
     if layout.cp > 1 and (work.seq_len % (2 * layout.cp)):
         out.append(f"CP {layout.cp}: the sequence length {work.seq_len} is not a multiple of 2*cp")
     if work.rows / work.num_minibatches < layout.dp:
@@ -952,72 +948,170 @@ def assumptions(work: Workload, settings: Settings) -> list[str]:
 
 
 def add_arguments(p) -> None:
-    """The `megatron-nft plan` flags (cli.py registers the subcommand)."""
-    m = p.add_argument_group("model and batch")
-    m.add_argument("--model", required=True,
+    """The `megatron-nft plan` flags (cli.py registers the subcommand). Flags that describe the run
+    default to None here so that `--recipe` can tell a given one from a default (FLAG_DEFAULTS)."""
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="plan the run `megatron-nft train --recipe FILE [overrides]` would start: model, batch, "
+                        "context, layout, recompute, dtype and FP8 from the config (then the flags marked "
+                        "'run' are refused: override the config instead)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="with --recipe: config overrides, as for train")
+    m = p.add_argument_group("model and batch (run)")
+    m.add_argument("--model", default=None,
                    help=f"{', '.join(PUBLIC_CONFIGS)}, an HF config.json or a checkpoint directory")
-    m.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: %(default)s, the paper's 7B)")
-    m.add_argument("--response-len", type=int, default=3584, help="max new tokens (default: %(default)s; 32B: 14336)")
-    m.add_argument("--mean-response-len", type=float, default=None,
-                   help="for step time (default: half of --response-len; lengths taken as uniform around it)")
-    m.add_argument("--prompts", type=int, default=512, help="prompts per step N (default: %(default)s)")
-    m.add_argument("--samples", type=int, default=16, help="answers per prompt K (default: %(default)s)")
-    m.add_argument("--minibatches", type=int, default=16, help="optimizer steps per RL step (default: %(default)s)")
+    m.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: 512, the paper's 7B)")
+    m.add_argument("--response-len", type=int, default=None, help="max new tokens (default: 3584; 32B: 14336)")
+    m.add_argument("--prompts", type=int, default=None, help="prompts per step N (default: 512)")
+    m.add_argument("--samples", type=int, default=None, help="answers per prompt K (default: 16)")
+    m.add_argument("--minibatches", type=int, default=None, help="optimizer steps per RL step (default: 16)")
     m.add_argument("--gen-prompts", type=int, default=None, help="prompts per generation round (default: --prompts)")
-    m.add_argument("--gen-rounds", type=float, default=1.0, help="generation rounds per step (default: %(default)s)")
     m.add_argument("--micro-batch-tokens", type=int, default=None, help="tokens per micro-batch (default: one sequence)")
-    g = p.add_argument_group("hardware and layout")
+    a = p.add_argument_group("assumptions about the run's rollouts")
+    a.add_argument("--mean-response-len", type=float, default=None,
+                   help="for step time (default: half of the response length; lengths taken as uniform around it)")
+    a.add_argument("--gen-rounds", type=float, default=1.0, help="generation rounds per step (default: %(default)s)")
+    g = p.add_argument_group("hardware")
     g.add_argument("--gpus", type=int, default=8, help="training GPUs (default: %(default)s)")
     g.add_argument("--gpus-per-node", type=int, default=8, help="TP stays within a node (default: %(default)s)")
     g.add_argument("--gpu", choices=sorted(GPUS), default="h100-80gb", help="(default: %(default)s)")
     g.add_argument("--gpu-memory-gib", type=float, default=None, help="override the GPU's memory")
     g.add_argument("--reserve-gib", type=float, default=4.0, help="kept free for CUDA context, NCCL, fragmentation (default: %(default)s)")
-    g.add_argument("--tp", type=int, default=None, help="fix tensor parallelism (default: search 1, 2, 4, 8)")
-    g.add_argument("--pp", type=int, default=None, help="fix pipeline parallelism (default: search)")
-    g.add_argument("--cp", type=int, default=None, help="fix context parallelism (default: search)")
-    g.add_argument("--recompute", choices=list(RECOMPUTE), default=None, help="fix activation recompute (default: search)")
-    g.add_argument("--fp8", action="store_true", help="Transformer Engine FP8 (Hopper)")
-    g.add_argument("--sequence-parallel", action="store_true", help="norm activations split over TP too")
-    g.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
-    g.add_argument("--implementation", choices=IMPLEMENTATIONS, default="te", help="te (GPU) or local (CPU) layers")
+    lay = p.add_argument_group("layout (run)")
+    lay.add_argument("--tp", type=int, default=None, help="fix tensor parallelism (default: search 1, 2, 4, 8)")
+    lay.add_argument("--pp", type=int, default=None, help="fix pipeline parallelism (default: search)")
+    lay.add_argument("--cp", type=int, default=None, help="fix context parallelism (default: search)")
+    lay.add_argument("--recompute", choices=list(RECOMPUTE), default=None, help="fix activation recompute (default: search)")
+    lay.add_argument("--fp8", action="store_true", default=None, help="Transformer Engine FP8 (Hopper)")
+    lay.add_argument("--sequence-parallel", action="store_true", default=None, help="norm activations split over TP too")
+    lay.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None, help="(default: bf16)")
+    lay.add_argument("--implementation", choices=IMPLEMENTATIONS, default=None, help="te (GPU, default) or local (CPU) layers")
     r = p.add_argument_group("rollout and speed")
     r.add_argument("--colocate", action="store_true", help="SGLang on the training GPUs")
     r.add_argument("--rollout-gpus", type=int, default=None, help="dedicated SGLang GPUs (default: as many as --gpus)")
-    r.add_argument("--rollout-tp", type=int, default=None, help="SGLang tensor parallelism (default: the fastest that fits)")
+    r.add_argument("--rollout-tp", type=int, default=None,
+                   help="(run) SGLang tensor parallelism (default: the fastest that fits)")
     r.add_argument("--mfu", type=float, default=None,
                    help=f"actor model-FLOPs utilisation, as bench/actor_throughput.py and Megatron measure it "
                         f"(recompute not credited; default: {DEFAULT_MFU}, an assumption)")
     r.add_argument("--mfu-recompute", choices=list(RECOMPUTE), default=None,
-                   help="the recompute mode of the run --mfu was measured on (default: --recompute if fixed, else none)")
+                   help="the recompute mode of the run --mfu was measured on (default: the run's recompute if fixed, else none)")
     r.add_argument("--decode-tps", type=float, default=None, help="decode tokens/s per GPU (default: bandwidth roofline)")
     p.add_argument("--top", type=int, default=12, help="table rows (default: %(default)s)")
 
 
-def run(args) -> str:
-    """Checks the flags (one clear line per problem) and returns the report."""
+# The flags that describe the run, their defaults without --recipe, and the config key that says the
+# same with one (a flag given with --recipe is refused, naming that key).
+FLAG_DEFAULTS = {"prompt_len": 512, "response_len": 3584, "prompts": 512, "samples": 16, "minibatches": 16,
+                 "fp8": False, "sequence_parallel": False, "dtype": "bf16", "implementation": "te"}
+RUN_FLAGS = {
+    "model": "model.hf_path", "prompt_len": "data.max_prompt_len", "response_len": "rollout.max_new_tokens",
+    "prompts": "rollout.prompts_per_step", "samples": "rollout.samples_per_prompt",
+    "minibatches": "algo.num_minibatches", "gen_prompts": "rollout.gen_prompts",
+    "micro_batch_tokens": "parallel.max_tokens_per_micro_batch (packed) or parallel.micro_batch_size (padded rows)",
+    "tp": "parallel.tp", "pp": "parallel.pp", "cp": "parallel.cp", "recompute": "parallel.recompute",
+    "fp8": "model.fp8", "dtype": "model.dtype", "implementation": "model.impl",
+    "sequence_parallel": "nothing (the trainer runs without sequence parallelism)",
+    "rollout_tp": "rollout.server_tp_size (with rollout.engine=sglang)",
+}
+# model.impl -> the planner's layer tables: "auto" takes Transformer Engine where it runs, which is the
+# GPU machines a plan describes
+_IMPL = {"auto": "te", "te": "te", "local": "local"}
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a report needs besides the GPU count: the model, one step's work, the settings, and the
+    layout fields the run fixes (None: searched)."""
+
+    model_name: str
+    shape: object
+    work: Workload
+    settings: Settings
+    fixed: dict
+    shape_source: str = ""
+
+    def layout(self, gpus: int) -> Layout:
+        """The run's layout on `gpus` GPUs (every field fixed, as from a config)."""
+        f = self.fixed
+        model_parallel = (f["tp"] or 1) * (f["pp"] or 1) * (f["cp"] or 1)
+        return Layout(tp=f["tp"] or 1, pp=f["pp"] or 1, cp=f["cp"] or 1, dp=gpus // model_parallel,
+                      recompute=f["recompute"] or "none")
+
+
+def config_model_shape(model) -> tuple[str, object, str]:
+    """(name, Qwen2Shape, where it came from) of a config's model section, by one rule:
+    1. model.hf_path with a readable config.json: that file (what train loads);
+    2. else model.hf_path's last component, lower-cased, naming a PUBLIC_CONFIGS model (the paper
+       recipes' /checkpoints/Qwen2.5-32B is qwen2.5-32b): its published config.json fields;
+    3. without model.hf_path: the model.* fields (the random model the demo builds);
+    anything else is a ConfigError naming model.hf_path."""
+    from pathlib import Path
+
     from megatron_nft.errors import ConfigError
 
-    shape = model_shape(args.model)
+    if model.hf_path is None:
+        return "random Qwen2 (model.* fields)", model.random_shape(), "the model.* fields (no model.hf_path)"
+    path = Path(model.hf_path)
+    if (path / "config.json").is_file():
+        return str(path), model_shape(path), f"{path / 'config.json'}"
+    name = path.name.lower()
+    if name in PUBLIC_CONFIGS:
+        return name, model_shape(name), (f"model.hf_path={model.hf_path} is not on this machine: the published "
+                                         f"config.json of {name}")
+    raise ConfigError(f"model.hf_path={model.hf_path}: no config.json on this machine, and {path.name!r} is not a known "
+                      f"model ({', '.join(PUBLIC_CONFIGS)}); plan where the checkpoint is, or override model.hf_path "
+                      f"with a directory named after the model")
+
+
+def from_config(cfg, settings: Settings = Settings(), **assumptions) -> PlanInputs:
+    """The plan inputs of the run `megatron-nft train` starts from `cfg` (a TrainConfig from
+    config.load_config): model shape (config_model_shape), batch (rollout.prompts_per_step,
+    samples_per_prompt, gen_prompts, algo.num_minibatches), context (data.max_prompt_len +
+    rollout.max_new_tokens), the layout fixed to parallel.tp/pp/cp/recompute, micro-batches of
+    parallel.max_tokens_per_micro_batch tokens (packed) or micro_batch_size full-length rows (padded),
+    model.dtype, FP8 and layer implementation, and the SGLang TP of rollout.server_tp_size when the run
+    uses SGLang servers. `settings` carries what is the plan's own (GPU, memory, MFU, rollout GPUs, ...);
+    `assumptions` the Workload fields no config holds (mean_response_len, gen_rounds, response_lengths).
+    The one adapter from a config to the planner: `megatron-nft plan --recipe` and the launch tests use it."""
+    import dataclasses
+
+    from megatron_nft.errors import ConfigError
+
+    name, shape, source = config_model_shape(cfg.model)
+    p, r, d = cfg.parallel, cfg.rollout, cfg.data
+    shape.check_parallel(p.tp, p.pp)
+    seq = d.max_prompt_len + r.max_new_tokens
+    if seq > shape.max_position_embeddings:
+        raise ConfigError(f"data.max_prompt_len + rollout.max_new_tokens = {seq} exceeds the model's "
+                          f"max_position_embeddings {shape.max_position_embeddings} ({source})")
+    work = Workload(
+        prompt_len=d.max_prompt_len, response_len=r.max_new_tokens, prompts_per_step=r.prompts_per_step,
+        samples_per_prompt=r.samples_per_prompt, num_minibatches=cfg.algo.num_minibatches, gen_prompts=r.gen_prompts,
+        micro_batch_tokens=p.max_tokens_per_micro_batch or p.micro_batch_size * seq, **assumptions,
+    )
+    settings = dataclasses.replace(
+        settings, dtype=cfg.model.dtype, fp8=cfg.model.fp8 is not None, sequence_parallel=False,
+        implementation=_IMPL[cfg.model.impl],
+        rollout_tp=r.server_tp_size if r.engine == "sglang" else settings.rollout_tp,
+        mfu_recompute=settings.mfu_recompute if "mfu_recompute" in settings.stated else p.recompute,
+    )
+    fixed = dict(tp=p.tp, pp=p.pp, cp=p.cp, recompute=p.recompute)
+    return PlanInputs(model_name=name, shape=shape, work=work, settings=settings, fixed=fixed, shape_source=source)
+
+
+def _check_flags(args, shape) -> None:
+    """The flags' own ranges, one clear line per problem (a config's are config.validate's)."""
+    from megatron_nft.errors import ConfigError
+
     positive = {"--prompt-len": args.prompt_len, "--response-len": args.response_len, "--prompts": args.prompts,
-                "--samples": args.samples, "--minibatches": args.minibatches, "--gpus": args.gpus,
-                "--gpus-per-node": args.gpus_per_node, "--top": args.top}
+                "--samples": args.samples, "--minibatches": args.minibatches}
     for flag, value in positive.items():
         if value < 1:
             raise ConfigError(f"{flag}={value}: expected a positive integer")
-    if args.rollout_tp is not None and args.rollout_tp < 1:
-        raise ConfigError(f"--rollout-tp={args.rollout_tp}: expected a positive integer")
-    if args.mfu is not None and not 0 < args.mfu <= 1:
-        raise ConfigError(f"--mfu={args.mfu}: expected a fraction in (0, 1]")
     if args.mean_response_len is not None and not 0 < args.mean_response_len <= args.response_len:
         raise ConfigError(f"--mean-response-len={args.mean_response_len}: expected a length in (0, --response-len={args.response_len}]")
     if (args.prompts * args.samples) % args.minibatches:
         raise ConfigError(f"--minibatches={args.minibatches} must divide --prompts x --samples = {args.prompts * args.samples}")
-    for flag, value, limit, what in (("--tp", args.tp, shape.num_kv_heads, "key/value heads"),
-                                     ("--tp", args.tp, shape.num_heads, "attention heads"),
-                                     ("--tp", args.tp, shape.intermediate_size, "FFN width (intermediate_size)"),
-                                     ("--pp", args.pp, shape.num_layers, "layers")):
-        if value is not None and (value < 1 or limit % value):
-            raise ConfigError(f"{flag}={value}: must divide the model's {limit} {what}")
+    shape.check_parallel(1 if args.tp is None else args.tp, 1 if args.pp is None else args.pp, "--tp=", "--pp=")
     if args.cp is not None and args.cp < 1:
         raise ConfigError(f"--cp={args.cp}: expected a positive integer")
     seq_len = args.prompt_len + args.response_len
@@ -1027,23 +1121,75 @@ def run(args) -> str:
     if args.cp is not None and args.cp > 1 and seq_len % (2 * args.cp):
         raise ConfigError(f"--cp={args.cp}: the sequence length {seq_len} (--prompt-len + --response-len) is not a "
                           f"multiple of 2 x cp = {2 * args.cp} (context parallel cuts it into 2*cp chunks)")
-    fixed = (args.tp or 1) * (args.pp or 1) * (args.cp or 1)
-    if args.gpus % fixed:
-        raise ConfigError(f"--gpus={args.gpus} is not divisible by tp x pp x cp = {fixed}")
+
+
+def _from_flags(args, settings: Settings) -> PlanInputs:
+    import dataclasses
+
+    from megatron_nft.errors import ConfigError
+
+    if args.model is None:
+        raise ConfigError("plan needs --recipe FILE (the run a recipe describes) or --model NAME (flags describe the run)")
+    if args.overrides:
+        raise ConfigError(f"{args.overrides[0]}: config overrides need --recipe FILE (without one, flags describe the run)")
+    for key, value in FLAG_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    shape = model_shape(args.model)
+    _check_flags(args, shape)
     work = Workload(
         prompt_len=args.prompt_len, response_len=args.response_len, prompts_per_step=args.prompts,
         samples_per_prompt=args.samples, num_minibatches=args.minibatches, gen_prompts=args.gen_prompts,
         gen_rounds=args.gen_rounds, mean_response_len=args.mean_response_len, micro_batch_tokens=args.micro_batch_tokens,
     )
-    settings = Settings(
-        gpu=GPUS[args.gpu], gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib, dtype=args.dtype,
-        fp8=args.fp8, sequence_parallel=args.sequence_parallel, implementation=args.implementation,
-        colocate=args.colocate, rollout_gpus=args.rollout_gpus, rollout_tp=args.rollout_tp,
-        mfu=DEFAULT_MFU if args.mfu is None else args.mfu,
+    settings = dataclasses.replace(
+        settings, dtype=args.dtype, fp8=args.fp8, sequence_parallel=args.sequence_parallel,
+        implementation=args.implementation, rollout_tp=args.rollout_tp,
         mfu_recompute=args.mfu_recompute or args.recompute or "none",
-        decode_tps=args.decode_tps,
-        stated=frozenset(k for k in ("mfu", "decode_tps") if getattr(args, k) is not None),
     )
     name = args.model if str(args.model).lower() in PUBLIC_CONFIGS else str(args.model)
-    return report(shape, work, args.gpus, settings, gpus_per_node=args.gpus_per_node, limit=args.top,
-                  model_name=name, tp=args.tp, pp=args.pp, cp=args.cp, recompute=args.recompute)
+    return PlanInputs(model_name=name, shape=shape, work=work, settings=settings,
+                      fixed=dict(tp=args.tp, pp=args.pp, cp=args.cp, recompute=args.recompute))
+
+
+def _from_recipe(args, settings: Settings) -> PlanInputs:
+    from megatron_nft.config import load_config
+    from megatron_nft.errors import ConfigError
+
+    given = [key for key in RUN_FLAGS if getattr(args, key) is not None]
+    if given:
+        key = given[0]
+        raise ConfigError(f"--{key.replace('_', '-')} with --recipe: the recipe describes the run; "
+                          f"override {RUN_FLAGS[key]} instead")
+    cfg = load_config(args.recipe, args.overrides)  # what `megatron-nft train` loads, refused the same way
+    return from_config(cfg, settings, gen_rounds=args.gen_rounds, mean_response_len=args.mean_response_len)
+
+
+def run(args) -> str:
+    """Checks the flags (one clear line per problem) and returns the report."""
+    from megatron_nft.config import ParallelConfig
+    from megatron_nft.errors import ConfigError
+
+    for flag, value in {"--gpus": args.gpus, "--gpus-per-node": args.gpus_per_node, "--top": args.top}.items():
+        if value < 1:
+            raise ConfigError(f"{flag}={value}: expected a positive integer")
+    if args.rollout_tp is not None and args.rollout_tp < 1:
+        raise ConfigError(f"--rollout-tp={args.rollout_tp}: expected a positive integer")
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu={args.mfu}: expected a fraction in (0, 1]")
+    stated = frozenset(k for k in ("mfu", "decode_tps", "mfu_recompute") if getattr(args, k) is not None)
+    settings = Settings(
+        gpu=GPUS[args.gpu], gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib, colocate=args.colocate,
+        rollout_gpus=args.rollout_gpus, mfu=DEFAULT_MFU if args.mfu is None else args.mfu,
+        mfu_recompute=args.mfu_recompute or "none", decode_tps=args.decode_tps, stated=stated,
+    )
+    inputs = _from_recipe(args, settings) if args.recipe is not None else _from_flags(args, settings)
+    f = inputs.fixed
+    # the world rule of the run (config.ParallelConfig.check_world), for a fixed layout
+    ParallelConfig(tp=f["tp"] or 1, pp=f["pp"] or 1, cp=f["cp"] or 1).check_world(args.gpus, f"--gpus={args.gpus}")
+    text = report(inputs.shape, inputs.work, args.gpus, inputs.settings, gpus_per_node=args.gpus_per_node,
+                  limit=args.top, model_name=inputs.model_name, **f)
+    if args.recipe is None:
+        return text
+    run_line = " ".join(["megatron-nft train --recipe", str(args.recipe), *args.overrides])
+    return f"plan of `{run_line}`; model shape from {inputs.shape_source}\n{text}"

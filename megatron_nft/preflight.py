@@ -22,18 +22,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 def check_world(cfg: TrainConfig) -> None:
     """The torchrun world must hold whole model copies (tp * pp * cp ranks each)."""
     p = cfg.parallel
-    per_copy = p.tp * p.pp * p.cp
     raw = os.environ.get("WORLD_SIZE")
     try:
         world = int(raw) if raw is not None else 1
     except ValueError:
         raise ConfigError(f"WORLD_SIZE={raw!r}: expected a positive integer (torchrun sets it)") from None
-    if world < 1 or world % per_copy:
-        started = "a plain process (WORLD_SIZE unset)" if raw is None else f"WORLD_SIZE={world}"
-        raise ConfigError(
-            f"parallel.tp={p.tp} x parallel.pp={p.pp} x parallel.cp={p.cp} needs a multiple of {per_copy} ranks, "
-            f"but this is {started}; start it with torchrun --nproc-per-node {per_copy} -m megatron_nft.cli ..."
-        )
+    started = "1 rank (WORLD_SIZE unset: a plain process)" if raw is None else f"WORLD_SIZE={world}"
+    p.check_world(world, started, f"; start it with torchrun --nproc-per-node {p.model_parallel_size} -m megatron_nft.cli ...")
 
 
 def check_hf_model(hf_dir: str | os.PathLike, flag: str):
@@ -94,14 +89,7 @@ def check_train(cfg: TrainConfig, *, demo: bool = False) -> None:
         m = cfg.model
         check_context(cfg.rollout.max_new_tokens, m.max_position_embeddings, "rollout.max_new_tokens=",
                       "model.max_position_embeddings")
-        from megatron_nft.model.qwen2 import Qwen2Shape
-
-        # only the divisibility fields matter to check_parallel; rope and norm settings do not
-        Qwen2Shape(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                   num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                   head_dim=m.hidden_size // m.num_heads, rope_theta=1e6, rms_norm_eps=1e-6,
-                   max_position_embeddings=m.max_position_embeddings,
-                   tie_word_embeddings=m.tie_word_embeddings).check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+        m.random_shape().check_parallel(cfg.parallel.tp, cfg.parallel.pp)
     else:
         if cfg.model.hf_path is None:
             raise ConfigError("train needs model.hf_path (a Hugging Face Qwen2 checkpoint directory)")

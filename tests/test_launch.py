@@ -311,7 +311,7 @@ def test_launch_validates_the_trainer_config_before_generating_anything(cluster,
     cases = [
         (["paper/qwen2.5-32b-nft", "--cluster", cluster, "algo.epz=1", "--dryrun"], "unknown key 'algo.epz'"),
         (["paper/qwen2.5-32b-nft", "--cluster", cluster, "job.trainer_nodes=3", "--dryrun"],
-         "24 processes is not divisible by parallel.tp x pp x cp = 32"),
+         "24 processes is not a multiple of parallel.tp=8 x parallel.pp=2 x parallel.cp=2 = 32"),
         (["paper/qwen2.5-32b-nft", "--cluster", cluster, "cluster.acount=x", "--dryrun"], "unknown key 'cluster.acount'"),
         (["paper/qwen2.5-32b-nft", "--dryrun"], "cluster.account is not set"),
         (["paper/qwen2.5-32b-nft", "--cluster", cluster, "job.rollout_tp=3", "--dryrun"], "job.rollout_tp=3: must divide"),
@@ -391,30 +391,49 @@ def test_local_demo_on_two_ranks_through_nemo_run(tmp_path):
 
 
 @pytest.mark.parametrize("name", PAPER)
-def test_paper_runs_fit_their_gpus_per_the_planner(name):
-    """Each paper launch's training layout (its train recipe's parallel settings on its trainer GPUs)
-    fits an H100-80GB by `megatron-nft plan`'s memory model (whose formulas tests/test_plan.py checks
-    against measured CPU peaks): a recipe that cannot start on the cluster is a bug here."""
+def test_paper_runs_fit_their_gpus_per_the_planner(name, cluster):
+    """Each paper launch's training run (its recipe with the launch's trainer arguments, loaded as the
+    trainer loads them) fits an H100-80GB on its trainer GPUs by `megatron-nft plan`'s memory model
+    (whose formulas tests/test_plan.py checks against measured CPU peaks), through plan.from_config,
+    the adapter `megatron-nft plan --recipe` uses: a recipe that cannot start on the cluster is a bug here."""
+    from launch.tasks import trainer_arguments
     from megatron_nft import plan as P
     from megatron_nft.config import load_config
 
-    job = RECIPES[name]
-    cfg = load_config(REPO / job["train_recipe"])
-    p = cfg.parallel
-    gpus = job["trainer_nodes"] * job["gpus_per_node"]
-    assert gpus % (p.tp * p.pp * p.cp) == 0
-    layout = P.Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=gpus // (p.tp * p.pp * p.cp), recompute=p.recompute)
-    seq = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
-    work = P.Workload(
-        prompt_len=cfg.data.max_prompt_len, response_len=cfg.rollout.max_new_tokens,
-        prompts_per_step=cfg.rollout.prompts_per_step, samples_per_prompt=cfg.rollout.samples_per_prompt,
-        num_minibatches=cfg.algo.num_minibatches,
-        micro_batch_tokens=p.max_tokens_per_micro_batch or p.micro_batch_size * seq,
-    )
-    settings = P.Settings(fp8=cfg.model.fp8 is not None, rollout_gpus=job["rollout_nodes"] * job["gpus_per_node"],
-                          rollout_tp=job["rollout_tp"])
-    result = P.plan_layout(P.model_shape(cfg.model.hf_path.rsplit("/", 1)[1]), work, layout, settings)
-    assert result.fits, (str(layout), result.problems)
+    cfg = resolve(name, cluster, [])
+    job = cfg.job
+    train = load_config(REPO / job.train_recipe, [a for a in trainer_arguments(cfg) if "=" in a and not a.startswith("-")])
+    inputs = P.from_config(train, P.Settings(rollout_gpus=job.rollout_nodes * job.gpus_per_node))
+    assert inputs.settings.rollout_tp == job.rollout_tp  # the SGLang servers the launch starts
+    result = P.plan_layout(inputs.shape, inputs.work, inputs.layout(job.trainer_nodes * job.gpus_per_node), inputs.settings)
+    assert result.fits, (str(result.layout), result.problems)
+
+
+def test_rollout_tp_and_the_trainers_server_tp_size_are_one_value(cluster, tmp_path, capsys):
+    def server_tp(cfg):
+        from launch.tasks import trainer_arguments
+
+        args = trainer_arguments(cfg)
+        values = {int(a.split("=", 1)[1]) for a in args if a.startswith("rollout.server_tp_size=")}
+        assert len(values) == 1, args  # the launch's and a user's override, if any, agree
+        return cfg.job.rollout_tp, values.pop()
+
+    # the launch recipe's job.rollout_tp reaches the trainer
+    assert server_tp(resolve("paper/qwen2.5-32b-nft", cluster, [])) == (2, 2)
+    # unset, it is what the training recipe states, or a trainer override
+    recipe = tmp_path / "tp4.yaml"
+    recipe.write_text(f"base: {REPO / 'recipes/paper/qwen2.5-math-7b-nft.yaml'}\nrollout:\n  server_tp_size: 4\n")
+    assert server_tp(resolve("slurm/one-node", cluster, [f"job.train_recipe={recipe}"])) == (4, 4)
+    one_node = ["job.train_recipe=recipes/paper/qwen2.5-math-7b-nft.yaml"]
+    assert server_tp(resolve("slurm/one-node", cluster, [*one_node, "rollout.server_tp_size=2"])) == (2, 2)
+    assert server_tp(resolve("slurm/one-node", cluster, one_node)) == (1, 1)
+    # two different values are one line, before anything is generated
+    for argv, stated in ((["paper/qwen2.5-32b-nft", "rollout.server_tp_size=4"], 4),
+                         (["slurm/one-node", f"job.train_recipe={recipe}", "job.rollout_tp=2"], 4)):
+        assert main([*argv, "--cluster", cluster, "--dryrun"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"rollout.server_tp_size={stated} (training recipe" in err[0], err
+        assert "both are the SGLang servers' TP; give one value" in err[0]
 
 
 def test_sglang_servers_restart_in_place_and_ignore_the_warning(cluster, tmp_path):

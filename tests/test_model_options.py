@@ -51,7 +51,22 @@ def test_auto_picks_per_machine():
 )
 def test_what_a_machine_cannot_run_is_one_config_error(options, machine, dtype, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
-        options.resolved(dtype=dtype, **machine)
+        options.check(bf16=dtype == BF16)  # what config.validate runs at load
+        options.resolved(dtype=dtype, **machine)  # what the actor runs on its machine
+
+
+def test_model_options_are_checked_once_per_run(monkeypatch):
+    """config.validate checks the options at load; the machine check before the run directory and the
+    actor's resolve only decide what depends on the machine (they ran `check` again: three times)."""
+    from megatron_nft.run_dir import check_machine
+
+    calls = []
+    plain = ModelOptions.check
+    monkeypatch.setattr(ModelOptions, "check", lambda self, **kw: (calls.append(kw), plain(self, **kw))[1])
+    cfg = load_config(None, [])
+    check_machine(cfg)  # `train` / `demo` before the run directory
+    model_options(cfg).resolved(dtype=FP32, **CPU)  # the actor's model build
+    assert len(calls) == 1
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +115,8 @@ def test_fp8_options_are_refused_exactly_where_megatron_core_refuses_them(shape)
     for fp8, recipe, bf16_layers, pp in FP8_COMBINATIONS:
         options = ModelOptions(impl="te", fp8=fp8, fp8_recipe=recipe, fp8_bf16_layers=bf16_layers)
         combination = (fp8, recipe, bf16_layers, pp)
-        try:
+        try:  # what a run does: config.validate's check at load, the actor's resolve on its machine
+            options.check(bf16=True)
             options.resolved(dtype=BF16, **{**GPU_TE, "num_layers": shape.num_layers, "pp": pp})
         except ConfigError as e:
             assert len(str(e).splitlines()) == 1 and "model.fp8_bf16_layers=" in str(e), e

@@ -357,11 +357,15 @@ def test_plan_command_prints_a_ranked_table_with_every_number_explained(capsys):
     "argv,message",
     [
         (["--model", "qwen9"], "--model qwen9: not a known model"),
-        (["--model", "qwen2.5-32b", "--tp", "3"], "--tp=3: must divide the model's 8 key/value heads"),
+        (["--model", "qwen2.5-32b", "--tp", "3"], "--tp=3 does not divide the model's 8 key/value heads"),
         (["--model", "qwen2.5-32b", "--minibatches", "7"], "--minibatches=7 must divide"),
-        (["--model", "qwen2.5-32b", "--gpus", "12", "--tp", "8"], "--gpus=12 is not divisible by tp x pp x cp = 8"),
+        (["--model", "qwen2.5-32b", "--gpus", "12", "--tp", "8"],
+         "--gpus=12 is not a multiple of parallel.tp=8 x parallel.pp=1 x parallel.cp=1 = 8"),
         (["--model", "qwen2.5-32b", "--mfu", "1.5"], "--mfu=1.5"),
-        (["--model", "qwen2.5-7b", "--tp", "8"], "--tp=8: must divide the model's 4 key/value heads"),
+        (["--model", "qwen2.5-7b", "--tp", "8"], "--tp=8 does not divide the model's 4 key/value heads"),
+        (["--model", "qwen2.5-32b", "--pp", "0"], "--pp=0: expected a positive integer"),
+        (["--gpus", "8"], "plan needs --recipe FILE (the run a recipe describes) or --model NAME"),
+        (["--model", "qwen2.5-7b", "parallel.tp=2"], "parallel.tp=2: config overrides need --recipe FILE"),
         (["--model", "qwen2.5-math-7b", "--response-len", "4000"],
          "--prompt-len + --response-len = 4512 exceeds the model's max_position_embeddings 4096"),
         (["--model", "qwen2.5-32b", "--prompt-len", "500", "--response-len", "3000", "--cp", "4"],
@@ -407,3 +411,122 @@ def test_plan_says_which_assumptions_are_not_measured(capsys):
     assert "actor MFU" not in out and "decode speed" not in out  # stated, so not listed as assumed
     # an MFU stated with --recompute full is taken as measured on a full-recompute run
     assert "MFU 25% (model FLOPs, of a run with recompute=full" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# `plan --recipe`: the run `megatron-nft train --recipe R [overrides]` would start
+# --------------------------------------------------------------------------------------------------
+
+PAPER_32B = "recipes/paper/qwen2.5-32b-nft.yaml"
+# the same run spelled out in flags: recipes/paper/qwen2.5-32b.yaml (over qwen2.5-math-7b.yaml) says
+# 2048 + 14336 tokens, 512 prompts x 16 answers (1536 per generation round), 16 minibatches, bf16,
+# TP8 x PP2 x CP2 on packed micro-batches of 16384 tokens, no recompute, no FP8
+PAPER_32B_FLAGS = ["--model", "qwen2.5-32b", "--prompt-len", "2048", "--response-len", "14336", "--prompts", "512",
+                   "--samples", "16", "--minibatches", "16", "--gen-prompts", "1536", "--dtype", "bf16",
+                   "--implementation", "te", "--tp", "8", "--pp", "2", "--cp", "2", "--recompute", "none"]
+
+
+def _plan_text(capsys, argv):
+    assert main(["plan", *argv]) == 0, argv
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "overrides,flags",
+    [
+        ([], ["--micro-batch-tokens", "16384"]),
+        # padded rows: micro_batch_size full-length rows per micro-batch; CP needs packing, so off
+        (["parallel.max_tokens_per_micro_batch=null", "parallel.micro_batch_size=2", "parallel.cp=1",
+          "parallel.recompute=full"], ["--micro-batch-tokens", "32768", "--cp", "1", "--recompute", "full"]),
+    ],
+)
+def test_plan_recipe_agrees_with_the_flags_plan_of_the_same_run(overrides, flags, capsys):
+    """Done-when of issue 17 item 4: every number of `plan --recipe` (memory, time, the ranked layouts)
+    is the flags-based plan's for the same layout, batch and context; the recipe's report only adds
+    the line saying which run it plans and where the model shape came from."""
+    def without(argv, names):  # PAPER_32B_FLAGS with the fixed layout flags replaced by `flags`
+        out, skip = [], False
+        for item in argv:
+            if skip:
+                skip = False
+            elif item in names:
+                skip = True
+            else:
+                out.append(item)
+        return out
+
+    base = without(PAPER_32B_FLAGS, {f for f in flags if f.startswith("--")})
+    by_flags = _plan_text(capsys, [*base, *flags, "--gpus", "128"])
+    by_recipe = _plan_text(capsys, ["--recipe", PAPER_32B, "--gpus", "128", *overrides])
+    first, rest = by_recipe.split("\n", 1)
+    assert first.startswith(f"plan of `megatron-nft train --recipe {PAPER_32B}")
+    assert "model.hf_path=/checkpoints/Qwen2.5-32B is not on this machine: the published config.json of qwen2.5-32b" in first
+    assert rest == by_flags
+    assert "32,763,876,352 parameters" in rest and "context 16384 = 2048 prompt + 14336 response" in rest
+
+
+def test_plan_inputs_of_a_config_are_its_fields():
+    """from_config, the one adapter from a TrainConfig to the planner, field by field."""
+    from megatron_nft.config import load_config
+
+    cfg = load_config(PAPER_32B, ["rollout.engine=sglang", "rollout.server_tp_size=4", "model.fp8=hybrid",
+                                  "model.fp8_recipe=tensorwise", "parallel.recompute=mlp"])
+    inputs = P.from_config(cfg, P.Settings(rollout_gpus=64))
+    assert inputs.shape == P.model_shape("qwen2.5-32b") and inputs.model_name == "qwen2.5-32b"
+    assert inputs.work == P.Workload(prompt_len=2048, response_len=14336, prompts_per_step=512, samples_per_prompt=16,
+                                     num_minibatches=16, gen_prompts=1536, micro_batch_tokens=16384)
+    s = inputs.settings
+    assert (s.dtype, s.fp8, s.implementation, s.rollout_tp, s.rollout_gpus) == ("bf16", True, "te", 4, 64)
+    assert s.mfu_recompute == "mlp"  # an unstated MFU is taken as measured on the run's own recompute
+    assert inputs.fixed == dict(tp=8, pp=2, cp=2, recompute="mlp")
+    assert inputs.layout(128) == P.Layout(tp=8, pp=2, cp=2, dp=4, recompute="mlp")
+    # the local engine runs no SGLang servers: their TP stays the planner's choice
+    assert P.from_config(load_config(PAPER_32B)).settings.rollout_tp is None
+
+
+def test_plan_recipe_model_shape_rule(tmp_path):
+    """model.hf_path's config.json when readable; else a known model named by its last component; without
+    model.hf_path the model.* fields (checked against transformers' own module tree of that config)."""
+    import json
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from megatron_nft.config import load_config
+
+    hf = tmp_path / "Qwen2.5-32B"  # a readable config.json wins over the name
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(dict(P.PUBLIC_CONFIGS["qwen2.5-7b"])))
+    name, shape, source = P.config_model_shape(load_config(PAPER_32B, [f"model.hf_path={hf}"]).model)
+    assert shape == P.model_shape("qwen2.5-7b") and source == str(hf / "config.json")
+    with pytest.raises(ConfigError, match="model.hf_path=/nowhere/my-model: no config.json on this machine"):
+        P.config_model_shape(load_config(PAPER_32B, ["model.hf_path=/nowhere/my-model"]).model)
+    cfg = load_config("recipes/demo.yaml")
+    m = cfg.model
+    assert m.hf_path is None
+    _, shape, _ = P.config_model_shape(m)
+    config = Qwen2Config(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                         num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_position_embeddings,
+                         tie_word_embeddings=m.tie_word_embeddings)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    assert P.parameter_count(shape) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--tp", "4"], "--tp with --recipe: the recipe describes the run; override parallel.tp instead"),
+        (["--response-len", "30720"], "--response-len with --recipe: the recipe describes the run; override rollout.max_new_tokens"),
+        (["--fp8"], "--fp8 with --recipe: the recipe describes the run; override model.fp8"),
+        (["--model", "qwen2.5-7b"], "--model with --recipe: the recipe describes the run; override model.hf_path"),
+        (["parallel.tp=3"], "parallel.tp=3 does not divide the model's 8 key/value heads"),
+        (["--gpus", "48"], "--gpus=48 is not a multiple of parallel.tp=8 x parallel.pp=2 x parallel.cp=2 = 32"),
+        (["algo.epz=1"], "unknown key 'algo.epz'"),  # the config loader's own refusal, as train's
+        (["rollout.max_new_tokens=131000"], "data.max_prompt_len + rollout.max_new_tokens = 133048 exceeds"),
+    ],
+)
+def test_plan_recipe_refuses_run_flags_and_bad_overrides_in_one_line(extra, message, capsys):
+    assert main(["plan", "--recipe", PAPER_32B, "--gpus", "128", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

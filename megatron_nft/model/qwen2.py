@@ -44,17 +44,27 @@ class Qwen2Shape:
         Padded rows are zero on import, stripped on export, and masked out of every log-softmax."""
         return int(math.ceil(self.vocab_size / tp) * tp)
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        if self.num_kv_heads % tp:
-            raise ConfigError(
-                f"parallel.tp={tp} does not divide the model's {self.num_kv_heads} key/value heads"
-            )
-        if self.num_heads % tp:
-            raise ConfigError(f"parallel.tp={tp} does not divide the model's {self.num_heads} attention heads")
-        if self.intermediate_size % tp:
-            raise ConfigError(f"parallel.tp={tp} does not divide intermediate_size={self.intermediate_size}")
+    def parallel_problems(self, tp: int, pp: int, tp_name: str = "parallel.tp=", pp_name: str = "parallel.pp=") -> list[str]:
+        """Why a TP x PP layout cannot split this model (megatron-core would refuse it); empty when it
+        can. The one home of this rule: the config, the converters and the planner all ask here.
+        `tp_name`/`pp_name` say how the caller spells the setting ("parallel.tp=", "--tp ", "TP ")."""
+        out = [f"{name}{value}: expected a positive integer" for name, value in ((tp_name, tp), (pp_name, pp)) if value < 1]
+        if out:
+            return out
+        for count, what in ((self.num_kv_heads, f"the model's {self.num_kv_heads} key/value heads"),
+                            (self.num_heads, f"the model's {self.num_heads} attention heads"),
+                            (self.intermediate_size, f"intermediate_size={self.intermediate_size}")):
+            if count % tp:
+                out.append(f"{tp_name}{tp} does not divide {what}")
         if self.num_layers % pp:
-            raise ConfigError(f"parallel.pp={pp} does not divide the model's {self.num_layers} layers")
+            out.append(f"{pp_name}{pp} does not divide the model's {self.num_layers} layers")
+        return out
+
+    def check_parallel(self, tp: int, pp: int, tp_name: str = "parallel.tp=", pp_name: str = "parallel.pp=") -> None:
+        """A ConfigError with the first of parallel_problems."""
+        problems = self.parallel_problems(tp, pp, tp_name, pp_name)
+        if problems:
+            raise ConfigError(problems[0])
 
 
 def _get(cfg, name, default=None):
@@ -156,7 +166,8 @@ class ModelOptions:
 
     def check(self, *, bf16: bool) -> None:
         """What no machine can run: unknown values, FP8 without bf16 or on Megatron's own layers, a
-        negative layer count. A ConfigError naming the key; config.validate calls it at load."""
+        negative layer count. A ConfigError naming the key; config.validate calls it at load (once: the
+        actor's `resolved` decides only what depends on the machine)."""
         for key, allowed in (("model.impl", IMPLEMENTATIONS), ("model.packed_attention", PACKED_ATTENTION),
                              ("model.fp8_recipe", FP8_RECIPES), ("parallel.recompute", RECOMPUTE)):
             value = getattr(self, key.split(".")[1])
@@ -183,8 +194,9 @@ class ModelOptions:
                           f"transformer_engine); this run uses model.impl={impl}")
 
     def resolved(self, *, cuda: bool, te: bool, dtype: torch.dtype, num_layers: int, pp: int) -> ModelOptions:
-        """The options with "auto" decided for this machine; a ConfigError for what it cannot run."""
-        self.check(bf16=dtype == torch.bfloat16)
+        """The options with "auto" decided for this machine; a ConfigError for what it cannot run.
+        What no machine can run is `check`'s, which config.validate runs once per run at load; callers
+        that build options themselves call it first."""
         if self.impl == "te" and not te:
             raise ConfigError("model.impl=te needs CUDA and an importable transformer_engine (the NGC image); "
                               "this machine has " + ("no transformer_engine" if cuda else "no CUDA"))
