@@ -105,6 +105,21 @@ class MicroBatchPlan:
             micro.append(mb)
         return MicroBatches(micro, total)
 
+    def rows_by_rank(self, lengths: list[int], *, group_size: int = 1) -> list[list[int]]:
+        """Which rows of a batch each data-parallel rank's micro-batches hold (what `split` gives rank
+        r, in its order), from the rows' needed lengths alone, so that rows can be sent to the rank
+        that trains on them before any rank holds the batch. Indices >= len(lengths) are the zero
+        rows `split` adds. `group_size` as in `split` (packed plan only)."""
+        rows = len(lengths)
+        if not self.packed:
+            per_rank = self.padded_rows(rows) // self.dp
+            return [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(self.dp)]
+        total = max(-(-rows // group_size), self.dp) * group_size
+        # split's zero rows have no loss position: needed_lengths gives them 1 token
+        plan = plan_packing(list(lengths) + [1] * (total - rows), max_tokens=self.max_tokens, dp=self.dp,
+                            align=self.align, group_size=group_size)
+        return [[row for micro in rank for row in micro.rows] for rank in plan]
+
     def groups_fit(self, batch: dict, group_size: int) -> bool:
         """Whether micro-batches can hold whole groups of `group_size` rows: rows per micro-batch a
         multiple of it, or every group within the token budget (rows padded as the packer pads them)."""

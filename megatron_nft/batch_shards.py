@@ -1,0 +1,211 @@
+"""A step's batch as tensors, cut by data-parallel rank (issue #18 item 2).
+
+Rank 0 turns the kept groups into one `RaggedBatch` once: every row's tokens end to end, no padding and
+no Python object per token (4 bytes a token id, 4 a log-prob, where a pickled StepRollout costs dozens).
+`train_rows` says which rows each data-parallel rank trains on, exactly as the actor's micro-batch plan
+cuts each minibatch today (whole groups per minibatch; whole groups per micro-batch where the packed
+plan keeps them, which InfoNCA needs). `scatter_shards` sends every rank only its data-parallel rank's
+rows over the gloo control group (host tensors, point to point: no rank but 0 ever holds the whole
+batch), and `RaggedBatch.padded` pads a shard to the whole batch's width, giving row for row what
+`data.batching.pack_rows` gives for the whole batch.
+
+What is not here yet: the actor still takes the global batch (its old log-probs are all-gathered, its
+token-mean norm and InfoNCA's split pre-pass read the whole minibatch), so the trainer does not use
+these shards yet; bench/batch_distribution.py measures both paths.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from array import array
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_nft.algorithms import group_correct_rate, group_reward_std
+from megatron_nft.runtime import broadcast_object, control_group
+
+
+@dataclass(frozen=True)
+class RaggedBatch:
+    """Rows (prompt + response) without padding. Row i's prompt and response tokens are the i-th
+    `prompt_lens[i] + response_lens[i]` tokens of `tokens`; its rollout log-probs (one per response
+    token) the i-th `response_lens[i]` of `rollout_logprobs`. `row_ids` are the rows' indices in the
+    whole batch, `width` the whole batch's longest row, so that a shard pads exactly as the batch."""
+
+    tokens: torch.Tensor  # [T] int32
+    prompt_lens: torch.Tensor  # [B] int64
+    response_lens: torch.Tensor  # [B] int64
+    rollout_logprobs: torch.Tensor  # [R] float32, R = response_lens.sum()
+    per_row: dict[str, torch.Tensor]  # name -> [B] float32
+    row_ids: torch.Tensor  # [B] int64
+    width: int
+
+    @property
+    def rows(self) -> int:
+        return int(self.prompt_lens.numel())
+
+    def needed_lengths(self) -> list[int]:
+        """batching.needed_lengths of the padded rows: up to the last response token, or 1 token for a
+        row without a response (it has no loss position)."""
+        lengths = self.prompt_lens + self.response_lens
+        return torch.where(self.response_lens > 0, lengths, torch.ones_like(lengths)).tolist()
+
+    def select(self, rows: Sequence[int]) -> "RaggedBatch":
+        """The given rows (indices into this batch), in that order; the width stays the batch's."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        lengths = self.prompt_lens + self.response_lens
+        return RaggedBatch(
+            tokens=self.tokens[_segments(lengths, index)],
+            prompt_lens=self.prompt_lens[index],
+            response_lens=self.response_lens[index],
+            rollout_logprobs=self.rollout_logprobs[_segments(self.response_lens, index)],
+            per_row={k: v[index] for k, v in self.per_row.items()},
+            row_ids=self.row_ids[index],
+            width=self.width,
+        )
+
+    def padded(self) -> dict:
+        """The actor's right-padded batch of these rows, `width` columns: equal, row for row, to what
+        pack_rows gives for the whole batch (tokens, loss_mask, rollout_logprobs aligned with the
+        labels, the per-row values)."""
+        rows, width = self.rows, self.width
+        lengths = self.prompt_lens + self.response_lens
+        tokens = torch.zeros((rows, width), dtype=torch.long)
+        row = torch.repeat_interleave(torch.arange(rows), lengths)
+        tokens[row, _offsets_within(lengths)] = self.tokens.long()
+        # label t scores token t+1: the response's labels sit at prompt_len - 1 .. prompt_len + response_len - 2
+        start = (self.prompt_lens - 1)[:, None]
+        columns = torch.arange(width)[None, :]
+        loss_mask = ((columns >= start) & (columns < start + self.response_lens[:, None])).float()
+        logprobs = torch.zeros((rows, width), dtype=torch.float32)
+        answer_row = torch.repeat_interleave(torch.arange(rows), self.response_lens)
+        logprobs[answer_row, (self.prompt_lens - 1)[answer_row] + _offsets_within(self.response_lens)] = self.rollout_logprobs
+        return {"tokens": tokens, "loss_mask": loss_mask, "rollout_logprobs": logprobs, **self.per_row}
+
+
+def _offsets_within(lengths: torch.Tensor) -> torch.Tensor:
+    """[sum(lengths)]: 0..n-1 for each segment of length n, end to end."""
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(int(lengths.sum())) - torch.repeat_interleave(starts, lengths)
+
+
+def _segments(lengths: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the segments `index` (in that order) of segments of `lengths` laid end to end."""
+    starts = torch.cumsum(lengths, 0) - lengths
+    picked = lengths[index]
+    return torch.repeat_interleave(starts[index], picked) + _offsets_within(picked)
+
+
+def ragged_batch(prompts: list[list[int]], responses: list[list[int]], rollout_logprobs: list[list[float]],
+                 per_row: dict[str, list[float]]) -> RaggedBatch:
+    """Rank 0's one conversion of Python lists into tensors; prompts must be non-empty."""
+    if any(not p for p in prompts):
+        raise ValueError("every row needs a prompt token (its first label is the prompt's last token)")
+    prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    response_lens = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    # array: 4 bytes an item while it is filled, where a list of the flattened values would hold 8-byte
+    # pointers to objects; float32 items are rounded from the Python floats as torch.tensor rounds them
+    tokens = array("i", itertools.chain.from_iterable(itertools.chain(p, r) for p, r in zip(prompts, responses)))
+    logprobs = array("f", itertools.chain.from_iterable(rollout_logprobs))
+    rows = len(prompts)
+    return RaggedBatch(
+        tokens=_from_array(tokens, torch.int32),
+        prompt_lens=prompt_lens,
+        response_lens=response_lens,
+        rollout_logprobs=_from_array(logprobs, torch.float32),
+        per_row={k: torch.tensor(v, dtype=torch.float32) for k, v in per_row.items()},
+        row_ids=torch.arange(rows),
+        width=int((prompt_lens + response_lens).max()) if rows else 0,
+    )
+
+
+def _from_array(values: array, dtype: torch.dtype) -> torch.Tensor:
+    if not len(values):
+        return torch.zeros(0, dtype=dtype)
+    return torch.frombuffer(values, dtype=dtype).clone()  # owns its memory; the array can go
+
+
+def rollout_ragged_batch(rollout, k: int, rewards: list[float]) -> RaggedBatch:
+    """trainer.rollout_batch's batch as a RaggedBatch (its per-row values computed the same way)."""
+    reward_tensor = torch.tensor(rewards)
+    return ragged_batch(
+        [p.ids for p in rollout.prompts for _ in range(k)],
+        [c.token_ids for c in rollout.completions],
+        [c.logprobs for c in rollout.completions],
+        {
+            "rewards": rewards,
+            "correct_rate": group_correct_rate(reward_tensor, k).tolist(),
+            "reward_std": group_reward_std(reward_tensor, k).tolist(),
+        },
+    )
+
+
+def train_rows(plan, lengths: list[int], *, group_size: int, num_minibatches: int,
+               whole_groups: Sequence[bool] | bool = False) -> list[list[int]]:
+    """Per data-parallel rank, the rows (indices into the step's batch, increasing) its micro-batches
+    hold over the step's minibatches, as trainer.train_on_rollout cuts them: minibatches of whole
+    groups of `group_size` rows, each cut by `plan` (a MicroBatchPlan) with groups kept whole in
+    packed micro-batches where `whole_groups` (per minibatch, or one flag for all) says the actor keeps
+    them (a group-coupled loss whose groups fit). The zero rows the plan adds are not rows of the batch
+    and are left out."""
+    groups = len(lengths) // group_size
+    if groups * group_size != len(lengths):
+        raise ValueError(f"{len(lengths)} rows are not whole groups of {group_size}")
+    num_mb = min(num_minibatches, groups)
+    per_mb = math.ceil(groups / num_mb) if groups else 1
+    starts = range(0, groups, per_mb)
+    whole = [whole_groups] * len(starts) if isinstance(whole_groups, bool) else list(whole_groups)
+    mine: list[set[int]] = [set() for _ in range(plan.dp)]
+    for start, keep in zip(starts, whole):
+        first, end = start * group_size, min(groups, start + per_mb) * group_size
+        cut = plan.rows_by_rank(lengths[first:end], group_size=group_size if keep else 1)
+        for rank, rows in enumerate(cut):
+            mine[rank].update(first + r for r in rows if first + r < end)
+    return [sorted(rows) for rows in mine]
+
+
+def scatter_shards(batch: RaggedBatch | None, rows_by_dp_rank: list[list[int]] | None, dp_rank: int) -> RaggedBatch:
+    """Every rank gets the rows of its data-parallel rank (rank 0 holds `batch` and the assignment;
+    the other ranks pass None). Over the gloo control group, point to point from rank 0: host tensors,
+    four messages a rank (sizes, row lengths and ids, token ids, floats); a rank never receives another
+    rank's rows."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return batch.select(rows_by_dp_rank[dp_rank])
+    group, rank = control_group(), dist.get_rank()
+    dp_ranks = torch.zeros(dist.get_world_size(), dtype=torch.long)
+    dp_ranks[rank] = dp_rank
+    dist.all_reduce(dp_ranks, group=group)
+    keys, assigned = broadcast_object((sorted(batch.per_row), len(rows_by_dp_rank)) if rank == 0 else None)
+    if assigned <= int(dp_ranks.max()):  # every rank stops, none is left waiting for its rows
+        raise ValueError(f"scatter_shards: rows for {assigned} data-parallel ranks, but rank "
+                         f"{int(dp_ranks.argmax())} is data-parallel rank {int(dp_ranks.max())}")
+    if rank == 0:
+        for dst in range(1, len(dp_ranks)):
+            for tensor in _encode(batch.select(rows_by_dp_rank[int(dp_ranks[dst])]), keys):
+                dist.send(tensor, dst, group=group)
+        return batch.select(rows_by_dp_rank[dp_rank])
+    sizes = torch.zeros(4, dtype=torch.long)
+    dist.recv(sizes, 0, group=group)
+    rows, total, answers, width = sizes.tolist()
+    received = [torch.empty(3 * rows, dtype=torch.long), torch.empty(total, dtype=torch.int32),
+                torch.empty(answers + rows * len(keys), dtype=torch.float32)]
+    for tensor in received:
+        dist.recv(tensor, 0, group=group)
+    meta, tokens, floats = received
+    prompt_lens, response_lens, row_ids = meta.view(3, rows)
+    logprobs, *per_row = floats.split([answers] + [rows] * len(keys))
+    return RaggedBatch(tokens=tokens, prompt_lens=prompt_lens, response_lens=response_lens, rollout_logprobs=logprobs,
+                       per_row=dict(zip(keys, per_row)), row_ids=row_ids, width=width)
+
+
+def _encode(shard: RaggedBatch, keys: list[str]) -> list[torch.Tensor]:
+    sizes = torch.tensor([shard.rows, shard.tokens.numel(), shard.rollout_logprobs.numel(), shard.width])
+    meta = torch.cat([shard.prompt_lens, shard.response_lens, shard.row_ids])
+    floats = torch.cat([shard.rollout_logprobs, *(shard.per_row[k] for k in keys)])
+    return [sizes, meta, shard.tokens.contiguous(), floats]
+
+

@@ -1,0 +1,149 @@
+"""The sharded batch (megatron_nft.batch_shards): a shard padded on its rank is, row for row, the batch
+pack_rows / trainer.rollout_batch builds whole; the rows each data-parallel rank gets are the rows the
+actor's micro-batch plan gives it (checked against MicroBatchPlan.split itself); and the scatter over
+gloo ranks delivers exactly those rows, under the strict device mode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_nft.batch_shards import ragged_batch, rollout_ragged_batch, scatter_shards, train_rows
+from megatron_nft.data.batching import needed_lengths, pack_rows, select_rows
+from megatron_nft.microbatches import MicroBatchPlan
+from megatron_nft.testing import run_distributed
+
+
+def _rows(lengths=(5, 0, 9, 3, 7, 1, 4, 8), seed=0):
+    """Prompts of 1-4 tokens, responses of the given lengths (one empty), log-probs not float32-exact."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, 60000, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+               for _ in lengths]
+    responses = [torch.randint(1, 60000, (n,), generator=g).tolist() for n in lengths]
+    logprobs = [(-torch.rand(n, generator=g, dtype=torch.float64) * 3).tolist() for n in lengths]
+    per_row = {"rewards": [float(i % 2) for i in range(len(lengths))], "correct_rate": [0.5] * len(lengths)}
+    return prompts, responses, logprobs, per_row
+
+
+def _whole(prompts, responses, logprobs, per_row):
+    return pack_rows(prompts, responses, extra={"rollout_logprobs": logprobs, **per_row})
+
+
+def test_a_padded_shard_is_the_whole_batch_s_rows():
+    rows = _rows()
+    whole, ragged = _whole(*rows), ragged_batch(*rows)
+    assert ragged.width == whole["tokens"].shape[1]
+    assert needed_lengths(whole["loss_mask"]) == ragged.needed_lengths()
+    for picked in ([0, 1, 2, 3, 4, 5, 6, 7], [6, 1, 3], [2], []):
+        shard = ragged.select(picked)
+        assert shard.row_ids.tolist() == picked
+        got, want = shard.padded(), select_rows(whole, torch.tensor(picked, dtype=torch.long))
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (picked, key)
+    shard = ragged.select([6, 1, 3]).select([2, 0])  # a shard of a shard keeps the batch's ids and width
+    assert shard.row_ids.tolist() == [3, 6] and torch.equal(shard.padded()["tokens"], whole["tokens"][[3, 6]])
+
+
+def test_the_rollout_s_ragged_batch_is_rollout_batch():
+    from megatron_nft.collect import Prompt, StepRollout
+    from megatron_nft.rollout.base import Completion
+    from megatron_nft.trainer import rollout_batch
+
+    prompts, responses, logprobs, _ = _rows(lengths=(3, 6, 2, 5, 4, 7))
+    k = 3
+    rollout = StepRollout(
+        prompts=[Prompt(prompts[0], "1"), Prompt(prompts[1], "2")],
+        completions=[Completion(i // k, r, lp, "stop", 0) for i, (r, lp) in enumerate(zip(responses, logprobs))],
+        rewards=[1.0, 0.0, 0.0, 1.0, 1.0, 0.0],
+    )
+    shaped = [1.0, -0.25, 0.0, 0.75, 1.0, -0.5]  # over-long shaping: reward_std is computed, not sqrt(r(1-r))
+    want = rollout_batch(rollout, k, shaped)
+    got = rollout_ragged_batch(rollout, k, shaped).padded()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def _split_rows(plan_args, batch, group_size):
+    """Per rank, the row ids split() puts in its micro-batches (0-based; -1 for the zero rows it adds)."""
+    ids = {**batch, "row": torch.arange(1, batch["tokens"].shape[0] + 1, dtype=torch.float32)}
+    out = []
+    for rank in range(plan_args["dp"]):
+        micro = MicroBatchPlan(dp_rank=rank, **plan_args).split(ids, group_size=group_size).micro
+        out.append([int(r) - 1 for mb in micro for r in mb["row"]])
+    return out
+
+
+PLANS = [
+    dict(dp=2, micro_batch_size=2),
+    dict(dp=3, micro_batch_size=2, align=4),
+    dict(dp=2, max_tokens=28, align=2),
+    dict(dp=3, max_tokens=26),
+]
+
+
+@pytest.mark.parametrize("plan_args", PLANS)
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_rows_by_rank_is_what_split_gives(plan_args, group_size):
+    batch = _whole(*_rows(lengths=(5, 0, 9, 3, 7, 1, 4, 8, 2, 6)))
+    plan = MicroBatchPlan(**plan_args)
+    want = _split_rows(plan_args, batch, group_size)
+    got = plan.rows_by_rank(needed_lengths(batch["loss_mask"]), group_size=group_size)
+    rows = batch["tokens"].shape[0]
+    assert [[r if r < rows else -1 for r in rank] for rank in got] == want
+
+
+@pytest.mark.parametrize("plan_args", PLANS)
+@pytest.mark.parametrize("num_minibatches,whole", [(1, False), (2, True), (3, [True, False, True])])
+def test_train_rows_are_the_rows_each_rank_trains_on(plan_args, num_minibatches, whole):
+    """Against the trainer's own cut: minibatches of whole groups (train_on_rollout), each split by the
+    plan as the actor splits it (groups whole in packed micro-batches where the loss keeps them)."""
+    k = 2
+    batch = _whole(*_rows(lengths=(5, 0, 9, 3, 7, 1, 4, 8, 2, 6, 3, 3)))
+    groups = batch["tokens"].shape[0] // k
+    per_mb = math.ceil(groups / min(num_minibatches, groups))
+    flags = whole if isinstance(whole, list) else [whole] * num_minibatches
+    want = [set() for _ in range(plan_args["dp"])]
+    for i, start in enumerate(range(0, groups, per_mb)):
+        rows = slice(start * k, min(groups, start + per_mb) * k)
+        for rank, ids in enumerate(_split_rows(plan_args, select_rows(batch, rows), k if flags[i] else None)):
+            want[rank].update(rows.start + r for r in ids if r >= 0)
+    got = train_rows(MicroBatchPlan(**plan_args), needed_lengths(batch["loss_mask"]), group_size=k,
+                     num_minibatches=num_minibatches, whole_groups=whole)
+    assert [set(r) for r in got] == want
+    assert sorted(r for rank in got for r in rank) == list(range(batch["tokens"].shape[0]))  # each row once
+
+
+def _scatter_on_ranks(rank, world_size):
+    from megatron_nft import runtime
+
+    runtime.init_process_group()
+    rows = _rows(lengths=(5, 0, 9, 3, 7, 1, 4, 8, 2, 6))
+    ragged = ragged_batch(*rows) if rank == 0 else None
+    out = {}
+    # each rank its own data-parallel rank (DP = world), then every rank the same one (a TP/PP layout)
+    for label, dp_rank, assignment in (("dp", rank, [[0, 3, 4, 9], [1, 2, 8]]), ("mp", 0, [[7, 5, 6]])):
+        shard = scatter_shards(ragged, assignment if rank == 0 else None, dp_rank)
+        out[label] = {"ids": shard.row_ids, **shard.padded()}
+    try:
+        scatter_shards(ragged, [[0]] if rank == 0 else None, rank)  # DP rank 1 has no rows assigned
+    except ValueError as error:
+        out["refused"] = str(error)
+    return out
+
+
+def test_scatter_gives_each_rank_only_its_rows():
+    whole = _whole(*_rows(lengths=(5, 0, 9, 3, 7, 1, 4, 8, 2, 6)))
+    results = run_distributed(_scatter_on_ranks, 2, timeout_s=300)
+    for rank, out in enumerate(results):
+        for label, ids in (("dp", [[0, 3, 4, 9], [1, 2, 8]][rank]), ("mp", [7, 5, 6])):
+            got = out[label]
+            assert got.pop("ids").tolist() == ids
+            want = select_rows(whole, torch.tensor(ids))
+            assert got.keys() == want.keys()
+            for key in want:
+                assert torch.equal(got[key], want[key]), (rank, label, key)
+        assert out["refused"] == "scatter_shards: rows for 1 data-parallel ranks, but rank 1 is data-parallel rank 1"
