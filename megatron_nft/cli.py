@@ -1,4 +1,4 @@
-"""`megatron-nft`: demo, train, eval, config, plan.
+"""`megatron-nft`: demo, train, eval, config, plan, report.
 
     megatron-nft demo                                  # the embedded CPU default (recipes/demo.yaml)
     megatron-nft train --recipe recipes/demo.yaml run.dir=runs/x algo.eps=0.5
@@ -6,6 +6,7 @@
     megatron-nft eval --hf runs/demo/hf --benchmarks aime24 amc23 --out runs/demo/eval
     megatron-nft plan --recipe recipes/paper/qwen2.5-32b-nft.yaml --gpus 128   # the run train would start
     megatron-nft plan --model qwen2.5-32b --gpus 128 --prompt-len 2048 --response-len 14336
+    megatron-nft report runs/ctx4k runs/ctx8k --plan                  # phase times, MFU, memory, vs the plan
 
 Overrides are `section.key=value` (sections: model, parallel, optim, algo, rollout, data, reward,
 eval, warmup, run). Bad input prints one line naming the problem and exits with status 2.
@@ -113,6 +114,18 @@ def _parser() -> argparse.ArgumentParser:
         "`megatron-nft train` would start; without, flags describe it.",
     )
     plan.add_arguments(pl)
+
+    from megatron_nft import report
+
+    rp = sub.add_parser(
+        "report",
+        help="Where runs spent their time: phase means and p90, throughput, MFU, memory; runs side by side; a PNG.",
+        description="Reads RUN_DIR/metrics.jsonl of each run: one table per run (each phase's mean and p90, "
+        "tokens/s, TFLOP/s and MFU, peak memory, weight sync, response-length percentiles, stragglers, "
+        "staleness), the runs side by side, and a PNG of the time breakdown per step. --plan adds the "
+        "planner's prediction for each run's config.yaml, phase by phase, as measured/predicted ratios.",
+    )
+    report.add_arguments(rp)
     return parser
 
 
@@ -298,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_nft.plan import run as run_plan
 
             print(run_plan(args))
+            return 0
+        if args.command == "report":
+            from megatron_nft.report import run as run_report
+
+            print(run_report(args))
             return 0
         if args.command == "eval":
             results = _run_eval(args)

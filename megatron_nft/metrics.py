@@ -1,5 +1,6 @@
 """Metrics sinks: JSON Lines (always), TensorBoard (always), W&B (when installed and asked for), and a
-PNG plot of the curves users look at first."""
+PNG plot of the curves users look at first; and the per-step performance figures the trainer logs
+beside the algorithm's metrics (FLOPs, memory, throughput, length percentiles: README "Telemetry")."""
 
 from __future__ import annotations
 
@@ -100,3 +101,107 @@ def plot_run(metrics_path: Path, out_png: Path) -> Path:
     plt.close(fig)
     tmp.replace(out_png)
     return out_png
+
+
+# --------------------------------------------------------------------------------------------------
+# per-step performance figures
+# --------------------------------------------------------------------------------------------------
+
+GIB = 2**30
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between ranks (numpy's default)."""
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100
+    low = math.floor(pos)
+    high = min(low + 1, len(xs) - 1)
+    return xs[low] + (xs[high] - xs[low]) * (pos - low)
+
+
+def forward_flops(shape, seq_lens) -> float:
+    """Model FLOPs of one forward over sequences of these lengths, by the planner's formula
+    (plan.forward_flops_per_token: GEMMs per token plus causal attention growing with S), so that
+    measured TFLOP/s and MFU are in the units `megatron-nft plan` predicts."""
+    from megatron_nft.plan import forward_flops_per_token
+
+    total = 0.0
+    for s in seq_lens:
+        gemm, attention = forward_flops_per_token(shape, s)
+        total += s * (gemm + attention)
+    return total
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak: CUDA's max allocated since the last reset_peak_memory, else the peak
+    resident set size of the process (Linux reports it in KiB; it cannot be reset)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+# torch.cuda.get_device_name() spellings of the planner's GPUs (plan.GPUS keys)
+_GPU_NAMES = (("H200", "h200"), ("H100", "h100-80gb"), ("A100", "a100-80gb"))
+
+
+def device_peak_tflops(override: float | None = None) -> float | None:
+    """Dense BF16 peak TFLOP/s of this rank's accelerator: `override` when given, else the planner's
+    table (plan.GPUS) for the CUDA device's name; None on CPU or an unknown GPU (no MFU then)."""
+    if override:
+        return float(override)
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from megatron_nft.plan import GPUS
+
+    name = torch.cuda.get_device_name()
+    return next((GPUS[key].bf16_tflops for marker, key in _GPU_NAMES if marker in name), None)
+
+
+def actor_performance(shape, seq_lens, actor_seconds: float, world_size: int, peak_tflops: float | None) -> dict:
+    """Per-GPU model TFLOP/s of the actor's step (one old-log-prob forward plus training's 3 x
+    forward, the planner's and Megatron's count; recomputation not credited) and, with a peak, MFU."""
+    if actor_seconds <= 0 or not seq_lens:
+        return {}
+    tflops = 4 * forward_flops(shape, seq_lens) / (actor_seconds * world_size) / 1e12
+    out = {"perf/actor_tflops_per_gpu": tflops}
+    if peak_tflops:
+        out["perf/mfu"] = tflops / peak_tflops
+    return out
+
+
+def length_figures(lengths) -> dict:
+    """Response length percentiles of the trained answers (stragglers: p90 and max against p50)."""
+    if not lengths:
+        return {}
+    return {"perf/response_len_p50": percentile(lengths, 50), "perf/response_len_p90": percentile(lengths, 90),
+            "perf/response_len_max": float(max(lengths))}
+
+
+def progress_fields(metrics: dict, heldout_accuracy: float) -> dict:
+    """The progress bar's short line: reward, held-out accuracy, seconds per step, generated tokens/s,
+    and MFU (GPU) or TFLOP/s (CPU) when the step trained."""
+    fields = {"reward": f"{metrics['rollout/reward']:.2f}", "heldout_acc": f"{heldout_accuracy:.2f}"}
+    if "time/step_s" in metrics:
+        fields["s/step"] = f"{metrics['time/step_s']:.1f}"
+    if "perf/gen_tokens_per_s" in metrics:
+        fields["gen_tok/s"] = f"{metrics['perf/gen_tokens_per_s']:.0f}"
+    if "perf/mfu" in metrics:
+        fields["mfu"] = f"{100 * metrics['perf/mfu']:.0f}%"
+    elif "perf/actor_tflops_per_gpu" in metrics:
+        fields["TFLOP/s"] = f"{metrics['perf/actor_tflops_per_gpu']:.3g}"
+    return fields

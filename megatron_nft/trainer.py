@@ -40,7 +40,7 @@ from megatron_nft.errors import TrainingDiverged
 from megatron_nft.reward import shape_overlong
 from megatron_nft.rollout import RolloutEngine, SamplingParams
 from megatron_nft.run_dir import write_atomically
-from megatron_nft.runtime import any_rank, broadcast_object, is_main_rank
+from megatron_nft.runtime import any_rank, broadcast_object, gather_objects, is_main_rank
 
 
 def training_rewards(cfg: TrainConfig, rollout: StepRollout) -> list[float]:
@@ -86,7 +86,9 @@ def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> tu
     rewards = training_rewards(cfg, rollout)
     batch = rollout_batch(rollout, k, rewards)
     # the loss mask tells the packed path how much of each row it needs
+    started = time.perf_counter()
     old_logprobs, _ = actor.compute_logprobs({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]})
+    old_logprobs_s = time.perf_counter() - started
     batch["old_logprobs"] = old_logprobs
     mask = batch["loss_mask"].bool()
     metrics = {}
@@ -98,6 +100,7 @@ def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> tu
         metrics["actor/tis_weight_mean"] = weight[mask].mean().item()
         metrics["actor/tis_capped_frac"] = (weight[mask] >= cfg.algo.tis_cap).float().mean().item()
     metrics |= {
+        "time/old_logprobs_s": old_logprobs_s,
         "actor/rollout_logprob_abs_diff": (old_logprobs - batch["rollout_logprobs"]).abs()[mask].mean().item(),
         "train/reward": sum(rewards) / max(len(rewards), 1),
         "train/accuracy": sum(rollout.rewards) / max(len(rollout.rewards), 1),
@@ -106,9 +109,11 @@ def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> tu
     num_mb = min(cfg.algo.num_minibatches, groups)
     per_mb = math.ceil(groups / num_mb)
     step_metrics = []
+    started = time.perf_counter()
     for start in range(0, groups, per_mb):
         rows = slice(start * k, min(groups, start + per_mb) * k)
         step_metrics.append(actor.train_step(select_rows(batch, rows), group_size=k))
+    metrics["time/train_s"] = time.perf_counter() - started
     # each logged statistic over the minibatches as StepStats declares it (min, max, else the mean)
     metrics |= {f"actor/{key}": value for key, value in average_steps(StepStats, step_metrics).items()}
     metrics["actor/loss_first_minibatch"] = step_metrics[0]["loss"]
@@ -242,6 +247,7 @@ class Trainer:
     export: callable  # writes the final policy as an HF checkpoint (rank 0; every rank gathers)
     exits: contextlib.ExitStack
     quiet: bool = False
+    peak_tflops: float | None = None  # this rank's accelerator's dense BF16 peak (MFU); None on CPU
 
     @classmethod
     def build(cls, cfg: TrainConfig, *, quiet: bool = False) -> "Trainer":
@@ -251,7 +257,7 @@ class Trainer:
         from megatron_nft import runtime
         from megatron_nft.config import to_yaml
         from megatron_nft.data.prompts import PromptCursor
-        from megatron_nft.metrics import MetricsLogger, truncate_metrics
+        from megatron_nft.metrics import MetricsLogger, device_peak_tflops, truncate_metrics
         from megatron_nft.model.hf_io import hf_tensor_reader, load_hf_config, save_hf_checkpoint
         from megatron_nft.model.qwen2 import shape_from_hf
         from megatron_nft.reward import GradingPool
@@ -321,7 +327,8 @@ class Trainer:
             return cls(cfg=cfg, actor=actor, collector=collector, engine=engine,
                        evaluator=Evaluator(cfg, engine, scorer, eval_prompts, eval_sampling), checkpointer=checkpointer,
                        logger=logger, stop=stop, guard=DivergenceGuard(cfg.run.max_nonfinite_updates, run_dir),
-                       start_step=start_step, export=export, exits=exits, quiet=quiet)
+                       start_step=start_step, export=export, exits=exits, quiet=quiet,
+                       peak_tflops=device_peak_tflops())
         except BaseException:
             exits.close()
             raise
@@ -331,9 +338,18 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         """Step `step` (0-based) of README's algorithm; returns its metrics."""
+        from megatron_nft.metrics import reset_peak_memory
+
         t0 = time.perf_counter()
+        reset_peak_memory()
+        if hasattr(self.engine, "take_request_seconds"):
+            self.engine.take_request_seconds()  # evaluation's requests are not this step's stragglers
         # 1-2. generate, verify, keep the mixed groups (rank 0), shared with every rank
-        rollout = broadcast_object(self.collector.collect(step) if self.collector is not None else None)
+        collected, collect_s = None, None
+        if self.collector is not None:
+            collected = self.collector.collect(step)
+            collect_s = time.perf_counter() - t0
+        rollout = broadcast_object(collected)
         t_rollout = time.perf_counter() - t0
         metrics = dict(rollout.metrics)
         if rollout.prompts:
@@ -347,13 +363,46 @@ class Trainer:
         metrics["time/sync_s"] = sync_weights(self.actor, self.engine, version=step + 1)
         metrics["time/rollout_s"] = t_rollout
         metrics["time/step_s"] = time.perf_counter() - t0
+        metrics |= self.performance(rollout, metrics, collect_s)
         return metrics
+
+    def performance(self, rollout: StepRollout, metrics: dict, collect_s: float | None) -> dict:
+        """The step's telemetry beyond its phase times (README "Telemetry"): generated and trained
+        tokens/s, the actor's TFLOP/s and MFU, peak memory (max over ranks: every rank takes part),
+        weight-sync bandwidth, response-length percentiles and the slowest request."""
+        from megatron_nft import metrics as perf
+
+        cfg, k = self.cfg, self.cfg.rollout.samples_per_prompt
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        out = {"perf/peak_mem_gib": max(gather_objects(perf.peak_memory_bytes())) / perf.GIB, "perf/ranks": world}
+        if collect_s is not None:  # rank 0, which generated and graded
+            out["time/generate_s"] = generate_s = max(collect_s - metrics.get("time/grade_s", 0.0), 0.0)
+            round_prompts = cfg.rollout.gen_prompts if cfg.algo.dynamic_sampling else cfg.rollout.prompts_per_step
+            generated = metrics["rollout/response_length"] * metrics["rollout/gen_rounds"] * round_prompts * k
+            if generate_s > 0:
+                out["perf/gen_tokens_per_s"] = generated / generate_s
+        lengths = [len(c.token_ids) for c in rollout.completions]
+        out |= perf.length_figures(lengths)
+        if "time/train_s" in metrics:
+            seq_lens = [len(p.ids) + n for p, n in zip((p for p in rollout.prompts for _ in range(k)), lengths)]
+            actor_s = metrics["time/old_logprobs_s"] + metrics["time/train_s"]
+            out["perf/train_tokens_per_s"] = sum(seq_lens) / actor_s
+            out |= perf.actor_performance(self.actor.shape, seq_lens, actor_s, world, self.peak_tflops)
+        sync = getattr(self.engine, "last_sync", None)  # SGLang engines report what a sync moved
+        if sync is not None and sync.seconds > 0:
+            out["perf/sync_gib"] = sync.total_bytes / perf.GIB
+            out["perf/sync_gb_per_s"] = sync.total_bytes / sync.seconds / 1e9
+        take_request_seconds = getattr(self.engine, "take_request_seconds", None)
+        seconds = take_request_seconds() if take_request_seconds is not None else []
+        if seconds:
+            out["time/slowest_request_s"] = max(seconds)
+        return out
 
     def train(self) -> dict:
         """The loop: steps until run.steps or a stop; returns the final metrics."""
         from tqdm import tqdm
 
-        from megatron_nft.metrics import plot_run, read_metrics
+        from megatron_nft.metrics import plot_run, progress_fields, read_metrics
 
         cfg, main = self.cfg, is_main_rank()
         final: dict = {}
@@ -367,18 +416,25 @@ class Trainer:
         last_accuracy = final["eval/accuracy_before"] if final.get("eval/accuracy_before") is not None else float("nan")
         bar = tqdm(range(self.start_step, cfg.run.steps), desc=cfg.algo.name.upper(), disable=self.quiet or not main,
                    initial=self.start_step, total=cfg.run.steps)
+        checkpoint_s = 0.0  # the checkpoint after a step is timed in the next step's row (see README)
         for step in bar:
             metrics = self.step(step)
             done = step + 1
             if self.evaluator.due(done):
+                started = time.perf_counter()
                 metrics["eval/accuracy"] = self.evaluator.run(done)
+                metrics["time/eval_s"] = time.perf_counter() - started
+            metrics["time/checkpoint_s"] = checkpoint_s
             self.logger.log(done, metrics)
             if metrics.get("eval/accuracy") is not None:
                 last_accuracy = metrics["eval/accuracy"]
-            bar.set_postfix(reward=f"{metrics['rollout/reward']:.2f}", heldout_acc=f"{last_accuracy:.2f}")
+            bar.set_postfix(progress_fields(metrics, last_accuracy))
             last, stopping = done == cfg.run.steps, self.stop.agreed()
+            checkpoint_s = 0.0
             if self.checkpointer.due(done, last=last, stopping=stopping):
+                started = time.perf_counter()
                 self.checkpointer.save(done)
+                checkpoint_s = time.perf_counter() - started
             final = {**final, **metrics}
             if stopping and not last:
                 if main:

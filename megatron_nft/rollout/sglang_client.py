@@ -99,6 +99,7 @@ class SGLangEngine(RolloutEngine):
         self.last_stats = GenerateStats()
         self.last_sync: SyncReport | None = None
         self.rejoined: list[str] = []  # servers taken back at the last weight sync
+        self._request_seconds: list[float] = []  # per answered request, since take_request_seconds
 
     # ------------------------------------------------------------------------------------------------
 
@@ -114,6 +115,12 @@ class SGLangEngine(RolloutEngine):
     @property
     def live_urls(self) -> list[str]:
         return [u for u in self.urls if self._alive[u]]
+
+    def take_request_seconds(self) -> list[float]:
+        """Seconds from first attempt to answer of every request answered since the last call (retries
+        included): the trainer's straggler figure, per step over all its generation rounds."""
+        seconds, self._request_seconds = self._request_seconds, []
+        return seconds
 
     def wait_ready(self, timeout_s: float = 1800.0) -> None:
         """Blocks until every server answers /health_generate (a launched one that exits raises)."""
@@ -238,10 +245,12 @@ class SGLangEngine(RolloutEngine):
 
     async def _request_with_retries(self, session, server: ServerStats, prompt, params) -> list[protocol.Sample]:
         body = protocol.generate_body([prompt], params)
+        started = time.perf_counter()
         for attempt in range(self.max_retries + 1):
             try:
                 samples = await self._request_once(session, server.url, body, params.n)
                 server.requests_ok += 1
+                self._request_seconds.append(time.perf_counter() - started)
                 return samples
             except _Retriable as e:
                 server.attempts_failed += 1
