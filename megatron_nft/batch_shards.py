@@ -6,8 +6,9 @@ no Python object per token (4 bytes a token id, 4 a log-prob, where a pickled St
 cuts each minibatch today (whole groups per minibatch; whole groups per micro-batch where the packed
 plan keeps them, which InfoNCA needs). `scatter_shards` sends every rank only its data-parallel rank's
 rows over the gloo control group (host tensors, point to point: no rank but 0 ever holds the whole
-batch), and `RaggedBatch.padded` pads a shard to the whole batch's width, giving row for row what
-`data.batching.pack_rows` gives for the whole batch.
+batch; ranks that share a data-parallel rank, its TP x PP x CP ranks, get it from one of them by a
+broadcast within their group), and `RaggedBatch.padded` pads a shard to the whole batch's width,
+giving row for row what `data.batching.pack_rows` gives for the whole batch.
 
 What is not here yet: the actor still takes the global batch (its old log-probs are all-gathered, its
 token-mean norm and InfoNCA's split pre-pass read the whole minibatch), so the trainer does not use
@@ -55,14 +56,15 @@ class RaggedBatch:
         return torch.where(self.response_lens > 0, lengths, torch.ones_like(lengths)).tolist()
 
     def select(self, rows: Sequence[int]) -> "RaggedBatch":
-        """The given rows (indices into this batch), in that order; the width stays the batch's."""
+        """The given rows (indices into this batch), in that order; the width stays the batch's.
+        (Row by row slices: no index tensor as long as the tokens, whose temporaries would cost more
+        than the shard.)"""
         index = torch.as_tensor(list(rows), dtype=torch.long)
-        lengths = self.prompt_lens + self.response_lens
         return RaggedBatch(
-            tokens=self.tokens[_segments(lengths, index)],
+            tokens=_pick_segments(self.tokens, self.prompt_lens + self.response_lens, index),
             prompt_lens=self.prompt_lens[index],
             response_lens=self.response_lens[index],
-            rollout_logprobs=self.rollout_logprobs[_segments(self.response_lens, index)],
+            rollout_logprobs=_pick_segments(self.rollout_logprobs, self.response_lens, index),
             per_row={k: v[index] for k, v in self.per_row.items()},
             row_ids=self.row_ids[index],
             width=self.width,
@@ -73,31 +75,28 @@ class RaggedBatch:
         pack_rows gives for the whole batch (tokens, loss_mask, rollout_logprobs aligned with the
         labels, the per-row values)."""
         rows, width = self.rows, self.width
-        lengths = self.prompt_lens + self.response_lens
         tokens = torch.zeros((rows, width), dtype=torch.long)
-        row = torch.repeat_interleave(torch.arange(rows), lengths)
-        tokens[row, _offsets_within(lengths)] = self.tokens.long()
-        # label t scores token t+1: the response's labels sit at prompt_len - 1 .. prompt_len + response_len - 2
+        logprobs = torch.zeros((rows, width), dtype=torch.float32)
+        lengths = (self.prompt_lens + self.response_lens).tolist()
+        prompt_lens, response_lens = self.prompt_lens.tolist(), self.response_lens.tolist()
+        at = answer_at = 0
+        for i, (n, p, r) in enumerate(zip(lengths, prompt_lens, response_lens)):
+            tokens[i, :n] = self.tokens[at : at + n]
+            # label t scores token t+1: the response's labels sit at p - 1 .. p + r - 2
+            logprobs[i, p - 1 : p - 1 + r] = self.rollout_logprobs[answer_at : answer_at + r]
+            at, answer_at = at + n, answer_at + r
         start = (self.prompt_lens - 1)[:, None]
         columns = torch.arange(width)[None, :]
         loss_mask = ((columns >= start) & (columns < start + self.response_lens[:, None])).float()
-        logprobs = torch.zeros((rows, width), dtype=torch.float32)
-        answer_row = torch.repeat_interleave(torch.arange(rows), self.response_lens)
-        logprobs[answer_row, (self.prompt_lens - 1)[answer_row] + _offsets_within(self.response_lens)] = self.rollout_logprobs
         return {"tokens": tokens, "loss_mask": loss_mask, "rollout_logprobs": logprobs, **self.per_row}
 
 
-def _offsets_within(lengths: torch.Tensor) -> torch.Tensor:
-    """[sum(lengths)]: 0..n-1 for each segment of length n, end to end."""
-    starts = torch.cumsum(lengths, 0) - lengths
-    return torch.arange(int(lengths.sum())) - torch.repeat_interleave(starts, lengths)
-
-
-def _segments(lengths: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Flat positions of the segments `index` (in that order) of segments of `lengths` laid end to end."""
-    starts = torch.cumsum(lengths, 0) - lengths
-    picked = lengths[index]
-    return torch.repeat_interleave(starts[index], picked) + _offsets_within(picked)
+def _pick_segments(flat: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Segments `index` (in that order) of `flat`, cut into segments of `lengths` laid end to end."""
+    starts = (torch.cumsum(lengths, 0) - lengths).tolist()
+    sizes = lengths.tolist()
+    parts = [flat[starts[i] : starts[i] + sizes[i]] for i in index.tolist()]
+    return torch.cat(parts) if parts else flat[:0].clone()
 
 
 def ragged_batch(prompts: list[list[int]], responses: list[list[int]], rollout_logprobs: list[list[float]],
@@ -126,7 +125,7 @@ def ragged_batch(prompts: list[list[int]], responses: list[list[int]], rollout_l
 def _from_array(values: array, dtype: torch.dtype) -> torch.Tensor:
     if not len(values):
         return torch.zeros(0, dtype=dtype)
-    return torch.frombuffer(values, dtype=dtype).clone()  # owns its memory; the array can go
+    return torch.frombuffer(values, dtype=dtype)  # the array's memory, no copy (the tensor keeps it alive)
 
 
 def rollout_ragged_batch(rollout, k: int, rewards: list[float]) -> RaggedBatch:
@@ -168,36 +167,73 @@ def train_rows(plan, lengths: list[int], *, group_size: int, num_minibatches: in
     return [sorted(rows) for rows in mine]
 
 
-def scatter_shards(batch: RaggedBatch | None, rows_by_dp_rank: list[list[int]] | None, dp_rank: int) -> RaggedBatch:
+def scatter_shards(batch: RaggedBatch | None, rows_by_dp_rank: list[list[int]] | None, dp_rank: int, *,
+                   replica_group=None) -> RaggedBatch:
     """Every rank gets the rows of its data-parallel rank (rank 0 holds `batch` and the assignment;
-    the other ranks pass None). Over the gloo control group, point to point from rank 0: host tensors,
-    four messages a rank (sizes, row lengths and ids, token ids, floats); a rank never receives another
-    rank's rows."""
+    the other ranks pass None). From rank 0 point to point over the gloo control group (host tensors,
+    five messages: sizes, row lengths and ids, token ids, log-probs, per-row values), so a rank never
+    receives another data-parallel rank's rows.
+
+    `replica_group`: the group of ranks that share this data-parallel rank (its TP x PP x CP ranks),
+    when there are several. Rank 0 then sends only to the lowest rank of each such group, which
+    broadcasts within it; that group is NCCL on GPUs, so there the tensors travel on its device."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return batch.select(rows_by_dp_rank[dp_rank])
-    group, rank = control_group(), dist.get_rank()
-    dp_ranks = torch.zeros(dist.get_world_size(), dtype=torch.long)
-    dp_ranks[rank] = dp_rank
-    dist.all_reduce(dp_ranks, group=group)
+    group, rank, world = control_group(), dist.get_rank(), dist.get_world_size()
+    leader = min(dist.get_process_group_ranks(replica_group)) if replica_group is not None else rank
+    # per rank: its data-parallel rank, and whether rank 0 sends to it (the lowest rank of its replicas)
+    ranks = torch.zeros((world, 2), dtype=torch.long)
+    ranks[rank] = torch.tensor([dp_rank, int(leader == rank)])
+    dist.all_reduce(ranks, group=group)
     keys, assigned = broadcast_object((sorted(batch.per_row), len(rows_by_dp_rank)) if rank == 0 else None)
-    if assigned <= int(dp_ranks.max()):  # every rank stops, none is left waiting for its rows
+    highest = int(ranks[:, 0].max())
+    if assigned <= highest:  # every rank stops, none is left waiting for its rows
         raise ValueError(f"scatter_shards: rows for {assigned} data-parallel ranks, but rank "
-                         f"{int(dp_ranks.argmax())} is data-parallel rank {int(dp_ranks.max())}")
+                         f"{int(ranks[:, 0].argmax())} is data-parallel rank {highest}")
+    shard = None
     if rank == 0:
-        for dst in range(1, len(dp_ranks)):
-            for tensor in _encode(batch.select(rows_by_dp_rank[int(dp_ranks[dst])]), keys):
-                dist.send(tensor, dst, group=group)
-        return batch.select(rows_by_dp_rank[dp_rank])
-    sizes = torch.zeros(4, dtype=torch.long)
-    dist.recv(sizes, 0, group=group)
-    rows, total, answers, width = sizes.tolist()
-    received = [torch.empty(3 * rows, dtype=torch.long), torch.empty(total, dtype=torch.int32),
-                torch.empty(answers + rows * len(keys), dtype=torch.float32)]
-    for tensor in received:
-        dist.recv(tensor, 0, group=group)
-    meta, tokens, floats = received
+        for dst in range(1, world):
+            if ranks[dst, 1]:
+                for tensor in _encode(batch.select(rows_by_dp_rank[int(ranks[dst, 0])]), keys):
+                    dist.send(tensor, dst, group=group)
+        shard = batch.select(rows_by_dp_rank[dp_rank])
+    elif leader == rank:
+        sizes = torch.zeros(4, dtype=torch.long)
+        dist.recv(sizes, 0, group=group)
+        received = _buffers(sizes.tolist(), len(keys), torch.device("cpu"))
+        for tensor in received:
+            dist.recv(tensor, 0, group=group)
+        shard = _decode(sizes.tolist(), received, keys)
+    if replica_group is not None and dist.get_world_size(replica_group) > 1:
+        shard = _broadcast_within(shard, keys, leader, replica_group)
+    return shard
+
+
+def _broadcast_within(shard: RaggedBatch | None, keys: list[str], src: int, group) -> RaggedBatch:
+    """`src`'s shard to every rank of `group`, on the device the group's backend takes."""
+    from megatron_nft.runtime import comm_device
+
+    device = comm_device(group)
+    sent = [t.to(device) for t in _encode(shard, keys)] if shard is not None else None
+    sizes = sent[0] if sent is not None else torch.zeros(4, dtype=torch.long, device=device)
+    dist.broadcast(sizes, src, group=group)
+    payload = sent[1:] if sent is not None else _buffers(sizes.tolist(), len(keys), device)
+    for tensor in payload:
+        dist.broadcast(tensor, src, group=group)
+    return _decode(sizes.tolist(), [t.cpu() for t in payload], keys)
+
+
+def _buffers(sizes: list[int], keys: int, device) -> list[torch.Tensor]:
+    rows, total, answers, _ = sizes
+    return [torch.empty(3 * rows, dtype=torch.long, device=device), torch.empty(total, dtype=torch.int32, device=device),
+            torch.empty(answers, dtype=torch.float32, device=device),
+            torch.empty((keys, rows) if keys else (0,), dtype=torch.float32, device=device)]
+
+
+def _decode(sizes: list[int], tensors: list[torch.Tensor], keys: list[str]) -> RaggedBatch:
+    rows, _, answers, width = sizes
+    meta, tokens, logprobs, per_row = tensors
     prompt_lens, response_lens, row_ids = meta.view(3, rows)
-    logprobs, *per_row = floats.split([answers] + [rows] * len(keys))
     return RaggedBatch(tokens=tokens, prompt_lens=prompt_lens, response_lens=response_lens, rollout_logprobs=logprobs,
                        per_row=dict(zip(keys, per_row)), row_ids=row_ids, width=width)
 
@@ -205,7 +241,5 @@ def scatter_shards(batch: RaggedBatch | None, rows_by_dp_rank: list[list[int]] |
 def _encode(shard: RaggedBatch, keys: list[str]) -> list[torch.Tensor]:
     sizes = torch.tensor([shard.rows, shard.tokens.numel(), shard.rollout_logprobs.numel(), shard.width])
     meta = torch.cat([shard.prompt_lens, shard.response_lens, shard.row_ids])
-    floats = torch.cat([shard.rollout_logprobs, *(shard.per_row[k] for k in keys)])
-    return [sizes, meta, shard.tokens.contiguous(), floats]
-
-
+    per_row = torch.stack([shard.per_row[k] for k in keys]) if keys else torch.zeros(0)
+    return [sizes, meta, shard.tokens.contiguous(), shard.rollout_logprobs.contiguous(), per_row]

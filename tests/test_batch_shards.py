@@ -124,9 +124,13 @@ def _scatter_on_ranks(rank, world_size):
     rows = _rows(lengths=(5, 0, 9, 3, 7, 1, 4, 8, 2, 6))
     ragged = ragged_batch(*rows) if rank == 0 else None
     out = {}
-    # each rank its own data-parallel rank (DP = world), then every rank the same one (a TP/PP layout)
-    for label, dp_rank, assignment in (("dp", rank, [[0, 3, 4, 9], [1, 2, 8]]), ("mp", 0, [[7, 5, 6]])):
-        shard = scatter_shards(ragged, assignment if rank == 0 else None, dp_rank)
+    # each rank its own data-parallel rank (DP = world); then both ranks one data-parallel rank (a
+    # TP/PP layout), sent to each by rank 0, or to rank 0 only and broadcast within their replica
+    # group (a NCCL group on GPUs: the strict mode refuses host tensors there)
+    replicas = torch.distributed.new_group([0, 1])
+    for label, dp_rank, assignment, group in (("dp", rank, [[0, 3, 4, 9], [1, 2, 8]], None),
+                                              ("mp", 0, [[7, 5, 6]], None), ("replicas", 0, [[8, 1]], replicas)):
+        shard = scatter_shards(ragged, assignment if rank == 0 else None, dp_rank, replica_group=group)
         out[label] = {"ids": shard.row_ids, **shard.padded()}
     try:
         scatter_shards(ragged, [[0]] if rank == 0 else None, rank)  # DP rank 1 has no rows assigned
@@ -139,7 +143,7 @@ def test_scatter_gives_each_rank_only_its_rows():
     whole = _whole(*_rows(lengths=(5, 0, 9, 3, 7, 1, 4, 8, 2, 6)))
     results = run_distributed(_scatter_on_ranks, 2, timeout_s=300)
     for rank, out in enumerate(results):
-        for label, ids in (("dp", [[0, 3, 4, 9], [1, 2, 8]][rank]), ("mp", [7, 5, 6])):
+        for label, ids in (("dp", [[0, 3, 4, 9], [1, 2, 8]][rank]), ("mp", [7, 5, 6]), ("replicas", [8, 1])):
             got = out[label]
             assert got.pop("ids").tolist() == ids
             want = select_rows(whole, torch.tensor(ids))
