@@ -15,7 +15,10 @@ gloo ranks (one process each, DP = world size), in a fresh set of processes per 
           data-parallel rank its rows (the padded micro-batch plan, micro_batch_size 8, 2 minibatches),
           scatter_shards sends each rank only those rows, and each rank pads its shard.
 
-Per rank: wall seconds from a barrier to the rank's padded batch, and host peak memory: the kernel's
+Per rank: wall seconds from a barrier to the rank's padded batch (a rank that receives includes its
+wait for rank 0), the process's CPU seconds over the same span (one thread a rank; on a box shared
+with other work the wall time measures the neighbours too, the CPU time much less; waiting in gloo
+costs little CPU), and host peak memory: the kernel's
 peak-RSS counter is reset (5 written to /proc/self/clear_refs) after the rollout exists and a
 barrier, VmRSS read, the step run, and VmHWM read: extra = VmHWM - VmRSS before, i.e. what the
 distribution itself costs the rank above what it already held (rank 0 holds the rollout either way).
@@ -79,6 +82,7 @@ def _rank(rank, world_size, path, answers, k, mean_tokens):
     Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS counter starts again from the current RSS
     before = _status("VmRSS")
     phases = {}
+    cpu = time.process_time()
     start = time.perf_counter()
     if path == "before":
         got = runtime.broadcast_object(rollout)
@@ -104,6 +108,7 @@ def _rank(rank, world_size, path, answers, k, mean_tokens):
         phases["pad_s"] = time.perf_counter() - mark
         rows = shard.row_ids.tolist()
     seconds = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu
     peak = _status("VmHWM")
     width = batch["tokens"].shape[1]
     held = batch["tokens"].shape[0]
@@ -112,7 +117,7 @@ def _rank(rank, world_size, path, answers, k, mean_tokens):
     all_rows = runtime.gather_objects(sorted(rows))
     assert sorted(r for part in all_rows for r in part) == list(range(answers)), "a row lost or doubled"
     dist.barrier(group=runtime.control_group())
-    return {"rank": rank, "seconds": seconds, **phases, "extra_gib": (peak - before) / GiB, "peak_gib": peak / GiB,
+    return {"rank": rank, "seconds": seconds, "cpu": cpu_s, **phases, "extra_gib": (peak - before) / GiB, "peak_gib": peak / GiB,
             "rows_held": held, "width": width, "response_tokens": tokens, "torch": str(torch.__version__)}
 
 
@@ -137,15 +142,15 @@ def main(argv=None) -> None:
           f"answer lengths uniform in [1, {2 * args.mean_tokens - 1}]; {platform.node()}, "
           f"{platform.processor() or platform.machine()}")
     results = {}
-    print("| DP | path | rank | seconds | phases (s) | extra host peak GiB | host peak GiB | rows held | width |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| DP | path | rank | wall s | CPU s | wall phases (s) | extra host peak GiB | host peak GiB | rows held | width |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for world in args.worlds:
         for path in ("before", "after"):
             out = run(path, world, args.answers, args.samples_per_prompt, args.mean_tokens)
             results[f"{path} dp={world}"] = out
             for r in out:
                 phases = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r.items() if k.endswith("_s"))
-                print(f"| {world} | {path} | {r['rank']} | {r['seconds']:.2f} | {phases} | {r['extra_gib']:.3f} | "
+                print(f"| {world} | {path} | {r['rank']} | {r['seconds']:.2f} | {r['cpu']:.2f} | {phases} | {r['extra_gib']:.3f} | "
                       f"{r['peak_gib']:.2f} | {r['rows_held']} | {r['width']} |", flush=True)
         tokens = results[f"before dp={world}"][0]["response_tokens"]
         b, a = results[f"before dp={world}"], results[f"after dp={world}"]
@@ -154,7 +159,8 @@ def main(argv=None) -> None:
         print(f"# DP={world}: {tokens / 1e6:.1f}M response tokens; other ranks' extra peak {worst_b:.3f} -> "
               f"{worst_a:.3f} GiB ({worst_a / worst_b:.2f}x; 1/DP = {1 / world:.2f}); rank 0 {b[0]['extra_gib']:.3f} -> "
               f"{a[0]['extra_gib']:.3f} GiB; slowest rank {max(r['seconds'] for r in b):.2f} -> "
-              f"{max(r['seconds'] for r in a):.2f} s", flush=True)
+              f"{max(r['seconds'] for r in a):.2f} s wall, CPU of all ranks {sum(r['cpu'] for r in b):.2f} -> "
+              f"{sum(r['cpu'] for r in a):.2f} s", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
