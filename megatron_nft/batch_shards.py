@@ -91,6 +91,14 @@ class RaggedBatch:
         return {"tokens": tokens, "loss_mask": loss_mask, "rollout_logprobs": logprobs, **self.per_row}
 
 
+    def answer_values(self, padded: torch.Tensor) -> torch.Tensor:
+        """[rows, width] values aligned like `padded()`'s labels -> one per response token, rows end to
+        end (the layout of `rollout_logprobs`; the order `padded[loss_mask.bool()]` reads them in)."""
+        parts = [padded[i, p - 1 : p - 1 + r] for i, (p, r) in
+                 enumerate(zip(self.prompt_lens.tolist(), self.response_lens.tolist()))]
+        return torch.cat(parts) if parts else padded.new_zeros(0)
+
+
 def _pick_segments(flat: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Segments `index` (in that order) of `flat`, cut into segments of `lengths` laid end to end."""
     starts = (torch.cumsum(lengths, 0) - lengths).tolist()
@@ -243,3 +251,47 @@ def _encode(shard: RaggedBatch, keys: list[str]) -> list[torch.Tensor]:
     meta = torch.cat([shard.prompt_lens, shard.response_lens, shard.row_ids])
     per_row = torch.stack([shard.per_row[k] for k in keys]) if keys else torch.zeros(0)
     return [sizes, meta, shard.tokens.contiguous(), shard.rollout_logprobs.contiguous(), per_row]
+
+
+def gather_answer_values(shard: RaggedBatch, values: torch.Tensor, *, rows: int, sends: bool = True) -> torch.Tensor | None:
+    """On rank 0: one value per response token of the whole batch's `rows` rows, in row order (the
+    layout of RaggedBatch.rollout_logprobs), from the shards that hold them; None elsewhere. `values`
+    holds one per response token of this rank's `shard` (e.g. its old log-probs, through
+    `shard.answer_values`). `sends`: whether this rank sends its shard's values; exactly one rank of
+    each data-parallel rank must (its replicas hold the same rows). So a metric over every token
+    (the rollout vs actor log-prob gap) is computed on rank 0 over the very vector, in the very
+    order, the whole batch would give, at 4 bytes a token. Host tensors over the control group."""
+    if values.numel() != int(shard.response_lens.sum()):
+        raise ValueError(f"gather_answer_values: {values.numel()} values for {int(shard.response_lens.sum())} response tokens")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    pieces = [(shard.row_ids, shard.response_lens, values.float().cpu())] if rank == 0 and sends else []
+    if world > 1:
+        senders = torch.zeros(world, dtype=torch.long)
+        senders[rank] = int(sends)
+        dist.all_reduce(senders, group=control_group())
+        if rank != 0:
+            if sends:
+                sizes = torch.tensor([shard.rows, values.numel()])
+                for tensor in (sizes, torch.cat([shard.row_ids, shard.response_lens]), values.float().cpu().contiguous()):
+                    dist.send(tensor, 0, group=control_group())
+            return None
+        for src in range(1, world):
+            if senders[src]:
+                sizes = torch.zeros(2, dtype=torch.long)
+                dist.recv(sizes, src, group=control_group())
+                n, total = sizes.tolist()
+                meta, got = torch.empty(2 * n, dtype=torch.long), torch.empty(total, dtype=torch.float32)
+                dist.recv(meta, src, group=control_group())
+                dist.recv(got, src, group=control_group())
+                pieces.append((meta[:n], meta[n:], got))
+    by_row: list[torch.Tensor | None] = [None] * rows
+    for row_ids, lengths, got in pieces:
+        for row, part in zip(row_ids.tolist(), got.split(lengths.tolist())):
+            if by_row[row] is not None:
+                raise ValueError(f"gather_answer_values: row {row} sent twice (one sender per data-parallel rank)")
+            by_row[row] = part
+    missing = [i for i, part in enumerate(by_row) if part is None]
+    if missing:
+        raise ValueError(f"gather_answer_values: no values for rows {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return torch.cat(by_row) if by_row else torch.zeros(0)

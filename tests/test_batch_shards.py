@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from megatron_nft.batch_shards import ragged_batch, rollout_ragged_batch, scatter_shards, train_rows
+from megatron_nft.batch_shards import gather_answer_values, ragged_batch, rollout_ragged_batch, scatter_shards, train_rows
 from megatron_nft.data.batching import needed_lengths, pack_rows, select_rows
 from megatron_nft.microbatches import MicroBatchPlan
 from megatron_nft.testing import run_distributed
@@ -128,10 +128,19 @@ def _scatter_on_ranks(rank, world_size):
     # TP/PP layout), sent to each by rank 0, or to rank 0 only and broadcast within their replica
     # group (a NCCL group on GPUs: the strict mode refuses host tensors there)
     replicas = torch.distributed.new_group([0, 1])
-    for label, dp_rank, assignment, group in (("dp", rank, [[0, 3, 4, 9], [1, 2, 8]], None),
+    for label, dp_rank, assignment, group in (("dp", rank, [[0, 3, 4, 9, 6], [1, 2, 8, 5, 7]], None),
                                               ("mp", 0, [[7, 5, 6]], None), ("replicas", 0, [[8, 1]], replicas)):
         shard = scatter_shards(ragged, assignment if rank == 0 else None, dp_rank, replica_group=group)
         out[label] = {"ids": shard.row_ids, **shard.padded()}
+        old = shard.answer_values(_old_logprobs(out[label]["tokens"]))  # this rank's rows' "old log-probs"
+        if label == "dp":  # rank 0 gets the whole batch's, in order: the whole-batch gap from the shards
+            gathered = gather_answer_values(shard, old, rows=10)
+            out["gap"] = (gathered - ragged.rollout_logprobs).abs().mean() if rank == 0 else None
+        if label == "replicas":  # both ranks hold rows 8 and 1, and only they: rank 0 is told what is missing
+            try:
+                gather_answer_values(shard, old, rows=10, sends=rank == 0)
+            except ValueError as error:
+                out["missing"] = str(error)
     try:
         scatter_shards(ragged, [[0]] if rank == 0 else None, rank)  # DP rank 1 has no rows assigned
     except ValueError as error:
@@ -139,15 +148,45 @@ def _scatter_on_ranks(rank, world_size):
     return out
 
 
+def _old_logprobs(tokens):
+    return tokens.float() * -1e-5 - 0.3  # a made-up per-position value that differs row to row
+
+
+def test_answer_values_and_their_gather_on_one_rank():
+    rows = _rows()
+    whole, ragged = _whole(*rows), ragged_batch(*rows)
+    shard = ragged.select([5, 2, 7])
+    assert torch.equal(shard.answer_values(shard.padded()["rollout_logprobs"]), shard.rollout_logprobs)
+    mask = whole["loss_mask"].bool()
+    old = ragged.answer_values(_old_logprobs(whole["tokens"]))
+    assert torch.equal(old, _old_logprobs(whole["tokens"])[mask])  # the order a boolean mask reads
+    order = [3, 1, 0, 2, 4, 5, 6, 7]  # a shard's rows in its own order come back in the batch's
+    assert torch.equal(gather_answer_values(ragged.select(order), old[_reorder(ragged, order)], rows=8), old)
+    with pytest.raises(ValueError, match="no values for rows"):
+        gather_answer_values(shard, shard.rollout_logprobs, rows=8)
+
+
+def _reorder(ragged, order):
+    """Positions, in the whole batch's answer layout, of the answers of rows `order`, in that order."""
+    ends, lengths = torch.cumsum(ragged.response_lens, 0).tolist(), ragged.response_lens.tolist()
+    return torch.cat([torch.arange(ends[i] - lengths[i], ends[i]) for i in order])
+
+
 def test_scatter_gives_each_rank_only_its_rows():
     whole = _whole(*_rows(lengths=(5, 0, 9, 3, 7, 1, 4, 8, 2, 6)))
     results = run_distributed(_scatter_on_ranks, 2, timeout_s=300)
     for rank, out in enumerate(results):
-        for label, ids in (("dp", [[0, 3, 4, 9], [1, 2, 8]][rank]), ("mp", [7, 5, 6]), ("replicas", [8, 1])):
+        for label, ids in (("dp", [[0, 3, 4, 9, 6], [1, 2, 8, 5, 7]][rank]), ("mp", [7, 5, 6]), ("replicas", [8, 1])):
             got = out[label]
             assert got.pop("ids").tolist() == ids
             want = select_rows(whole, torch.tensor(ids))
             assert got.keys() == want.keys()
             for key in want:
                 assert torch.equal(got[key], want[key]), (rank, label, key)
+        mask = whole["loss_mask"].bool()
+        if rank == 0:  # the whole batch's gap, bit for bit, as train_on_rollout computes it
+            assert torch.equal(out["gap"], (_old_logprobs(whole["tokens"]) - whole["rollout_logprobs"]).abs()[mask].mean())
+            assert out["missing"].startswith("gather_answer_values: no values for rows [0, 2, 3, 4, 5, 6, 7, 9]")
+        else:
+            assert out["gap"] is None and "missing" not in out
         assert out["refused"] == "scatter_shards: rows for 1 data-parallel ranks, but rank 1 is data-parallel rank 1"
