@@ -110,8 +110,10 @@ def _pick_segments(flat: torch.Tensor, lengths: torch.Tensor, index: torch.Tenso
 def ragged_batch(prompts: list[list[int]], responses: list[list[int]], rollout_logprobs: list[list[float]],
                  per_row: dict[str, list[float]]) -> RaggedBatch:
     """Rank 0's one conversion of Python lists into tensors; prompts must be non-empty."""
-    if any(not p for p in prompts):
-        raise ValueError("every row needs a prompt token (its first label is the prompt's last token)")
+    empty = next((i for i, p in enumerate(prompts) if not p), None)
+    if empty is not None:
+        raise ValueError(f"ragged_batch: row {empty} has an empty prompt; expected at least one token "
+                         f"(a row's first label is its prompt's last token)")
     prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     response_lens = torch.tensor([len(r) for r in responses], dtype=torch.long)
     # array: 4 bytes an item while it is filled, where a list of the flattened values would hold 8-byte
@@ -161,11 +163,13 @@ def train_rows(plan, lengths: list[int], *, group_size: int, num_minibatches: in
     and are left out."""
     groups = len(lengths) // group_size
     if groups * group_size != len(lengths):
-        raise ValueError(f"{len(lengths)} rows are not whole groups of {group_size}")
+        raise ValueError(f"train_rows: {len(lengths)} rows are not whole groups of {group_size}")
     num_mb = min(num_minibatches, groups)
     per_mb = math.ceil(groups / num_mb) if groups else 1
     starts = range(0, groups, per_mb)
     whole = [whole_groups] * len(starts) if isinstance(whole_groups, bool) else list(whole_groups)
+    if len(whole) != len(starts):
+        raise ValueError(f"train_rows: whole_groups has {len(whole)} flags for {len(starts)} minibatches")
     mine: list[set[int]] = [set() for _ in range(plan.dp)]
     for start, keep in zip(starts, whole):
         first, end = start * group_size, min(groups, start + per_mb) * group_size

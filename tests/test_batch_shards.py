@@ -67,6 +67,16 @@ def test_the_rollout_s_ragged_batch_is_rollout_batch():
         assert torch.equal(got[key], want[key]), key
 
 
+def test_bad_input_is_one_line_naming_it():
+    prompts, responses, logprobs, per_row = _rows(lengths=(2, 3))
+    with pytest.raises(ValueError, match=r"^ragged_batch: row 1 has an empty prompt; expected at least one token"):
+        ragged_batch([prompts[0], []], responses, logprobs, per_row)
+    with pytest.raises(ValueError, match=r"^train_rows: whole_groups has 1 flags for 2 minibatches$"):
+        train_rows(MicroBatchPlan(dp=1), [3, 4, 5, 6], group_size=2, num_minibatches=2, whole_groups=[True])
+    with pytest.raises(ValueError, match=r"^train_rows: 5 rows are not whole groups of 2$"):
+        train_rows(MicroBatchPlan(dp=1), [3, 4, 5, 6, 7], group_size=2, num_minibatches=2)
+
+
 def _split_rows(plan_args, batch, group_size):
     """Per rank, the row ids split() puts in its micro-batches (0-based; -1 for the zero rows it adds)."""
     ids = {**batch, "row": torch.arange(1, batch["tokens"].shape[0] + 1, dtype=torch.float32)}
