@@ -70,7 +70,11 @@ def _rank(rank, world_size, path, answers, k, mean_tokens):
     import torch.distributed as dist
 
     from megatron_nft import runtime
-    from megatron_nft.batch_shards import rollout_ragged_batch, scatter_shards, train_rows
+    from megatron_nft.batch_shards import (
+        rollout_ragged_batch,
+        scatter_shards,
+        train_rows,
+    )
     from megatron_nft.microbatches import MicroBatchPlan
     from megatron_nft.trainer import rollout_batch
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import itertools
 import math
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,7 +55,7 @@ class RaggedBatch:
         lengths = self.prompt_lens + self.response_lens
         return torch.where(self.response_lens > 0, lengths, torch.ones_like(lengths)).tolist()
 
-    def select(self, rows: Sequence[int]) -> "RaggedBatch":
+    def select(self, rows: Sequence[int]) -> RaggedBatch:
         """The given rows (indices into this batch), in that order; the width stays the batch's.
         (Row by row slices: no index tensor as long as the tokens, whose temporaries would cost more
         than the shard.)"""
@@ -243,7 +243,7 @@ def _buffers(sizes: list[int], keys: int, device) -> list[torch.Tensor]:
 
 
 def _decode(sizes: list[int], tensors: list[torch.Tensor], keys: list[str]) -> RaggedBatch:
-    rows, _, answers, width = sizes
+    rows, _, _, width = sizes
     meta, tokens, logprobs, per_row = tensors
     prompt_lens, response_lens, row_ids = meta.view(3, rows)
     return RaggedBatch(tokens=tokens, prompt_lens=prompt_lens, response_lens=response_lens, rollout_logprobs=logprobs,

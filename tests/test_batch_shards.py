@@ -10,7 +10,13 @@ import math
 import pytest
 import torch
 
-from megatron_nft.batch_shards import gather_answer_values, ragged_batch, rollout_ragged_batch, scatter_shards, train_rows
+from megatron_nft.batch_shards import (
+    gather_answer_values,
+    ragged_batch,
+    rollout_ragged_batch,
+    scatter_shards,
+    train_rows,
+)
 from megatron_nft.data.batching import needed_lengths, pack_rows, select_rows
 from megatron_nft.microbatches import MicroBatchPlan
 from megatron_nft.testing import run_distributed
@@ -88,10 +94,10 @@ def _split_rows(plan_args, batch, group_size):
 
 
 PLANS = [
-    dict(dp=2, micro_batch_size=2),
-    dict(dp=3, micro_batch_size=2, align=4),
-    dict(dp=2, max_tokens=28, align=2),
-    dict(dp=3, max_tokens=26),
+    {"dp": 2, "micro_batch_size": 2},
+    {"dp": 3, "micro_batch_size": 2, "align": 4},
+    {"dp": 2, "max_tokens": 28, "align": 2},
+    {"dp": 3, "max_tokens": 26},
 ]
 
 
