@@ -124,11 +124,18 @@ def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> tu
 
 
 def sync_weights(actor: Actor, engine: RolloutEngine | None, version: int) -> float:
-    """Actor -> rollout engine through the HF mapping; every rank takes part in the gather."""
+    """Actor -> rollout engine through the HF mapping; every rank takes part. Servers that load
+    from disk take each pipeline stage's tensors from that stage's own source rank, all stages at
+    once; the in-process engine takes one stream gathered on rank 0."""
+    from megatron_nft.rollout.weight_sync import sync_from_stages
+
     start = time.perf_counter()
-    tensors = actor.hf_tensors()  # the other ranks' part of the gather is done within this call
-    if engine is not None:
-        engine.update_weights(tensors, version)
+    bundle = actor.bundle
+    if sync_from_stages(engine, bundle.stage_tensors, stage=bundle.pp_rank, source=bundle.stage_source,
+                        version=version) is None:
+        tensors = actor.hf_tensors()  # the other ranks' part of the gather is done within this call
+        if engine is not None:
+            engine.update_weights(tensors, version)
     return time.perf_counter() - start
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,6 +374,63 @@ def test_transports_refuse_servers_sglang_would_refuse(stand_ins):
     assert time.monotonic() - start < 30
 
 
+def test_stage_shards_load_as_one_version(stand_ins, tmp_path):
+    """The per-stage disk path in one process: two "stages" write their own shards into the plan's
+    directory, rank 0's commit indexes them and the server loads the whole version (its log-probs
+    are the model's); a tensor two stages sent, or a failed stage, loads nothing and leaves no
+    directory; engines and transports without per-stage sends get None (the rank-0 stream)."""
+    from helpers import hf_token_logprobs
+    from megatron_nft.model.hf_io import hf_weight_map
+    from megatron_nft.rollout import LocalEngine, SamplingParams
+    from megatron_nft.rollout.sglang_client import SGLangEngine
+    from megatron_nft.rollout.weight_sync import StageResult, sync_from_stages, write_stage
+
+    transport = DiskTransport(tmp_path / "sync")
+    engine = SGLangEngine([stand_ins["tp1"]], transport=transport, bucket_bytes=BUCKET_BYTES)
+    config, model = random_qwen2(seed=31)
+    params = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+    half = len(params) // 2
+    plan = engine.stage_plan(6)
+    results = [write_stage(plan, 1, iter(params[half:])), write_stage(plan, 0, iter(params[:half]))]
+    report = engine.load_stages(plan, results)
+    weight_map = hf_weight_map(transport.version_dir(6))
+    assert sorted(weight_map) == sorted(n for n, _ in params)
+    assert {f.split("-")[1] for f in weight_map.values()} == {"pp000", "pp001"}
+    assert report.total_bytes == sum(tensor_bytes(t) for _, t in params) and report.num_tensors == len(params)
+    assert report.num_buckets == len(set(weight_map.values())) >= 4 and report.max_bucket_bytes <= BUCKET_BYTES * 2
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    for c in engine.generate(prompts, SamplingParams(max_new_tokens=6, n=2, seed=6)):
+        seq = torch.tensor([prompts[c.prompt_index] + c.token_ids])
+        with torch.no_grad():
+            expected = hf_token_logprobs(model, seq)[0, len(prompts[c.prompt_index]) - 1 : -1]
+        assert c.weight_version == 6
+        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
+
+    for stages, error, message in [
+        ([params[: half + 1], params[half:]], ValueError, r"weight sync v7: stage 1 sent '.*', which another stage sent too"),
+        ([params[:half], None], RuntimeError, r"weight sync v7: stage 1 \(rank 3\): OSError: disk full"),
+    ]:
+        plan = engine.stage_plan(7)
+        results = [write_stage(plan, 0, iter(stages[0])),
+                   write_stage(plan, 1, iter(stages[1])) if stages[1] else StageResult(1, error="stage 1 (rank 3): OSError: disk full")]
+        with pytest.raises(error, match=message):
+            engine.load_stages(plan, results)
+        assert sorted(p.name for p in (tmp_path / "sync").iterdir()) == ["weights_v000006"]
+        assert engine.weight_version == 6 and engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))[0].weight_version == 6
+
+    # one process, one stage: the whole path of sync_from_stages, with its agreement collectives as no-ops
+    report = sync_from_stages(engine, lambda: iter(params), stage=0, source=True, version=8)
+    assert report.version == 8 and report.seconds > 0 and engine.weight_version == 8
+    assert sorted(p.name for p in (tmp_path / "sync").iterdir()) == ["weights_v000008"]
+    calls = []
+    local = LocalEngine(config)
+    assert sync_from_stages(local, lambda: calls.append(1), stage=0, source=True, version=9) is None
+    ipc = SGLangEngine([stand_ins["tp1"]], transport=CudaIpcTransport(device="cpu"))
+    assert sync_from_stages(ipc, lambda: calls.append(1), stage=0, source=True, version=9) is None
+    assert calls == [] and local.weight_version == -1 and engine.weight_version == 8  # nothing was sent
+    transport.close()
+
+
 def test_seeds_need_deterministic_inference(stand_ins):
     """As in SGLang, a request's sampling_seed is used only by a server started with
     --enable-deterministic-inference (what the launches pass, so resumes re-draw the same answers)."""
@@ -396,29 +454,42 @@ BUCKET_BYTES = 64 * 1024
 
 
 def _sync_worker(rank, world_size, config, state, url, sync_dir, prompts):
+    """Version 1 through today's rank-0 stream (hf_tensors), version 2 through the trainer's sync
+    (every stage writes its own shards), version 3 with stage 1's sender failing part-way."""
+    import dataclasses
+
     import torch.distributed as dist
 
     from megatron_nft.actor import Actor
     from megatron_nft.config import AlgoConfig, OptimConfig
+    from megatron_nft.model.hf_io import hf_weight_map
     from megatron_nft.model.qwen2 import shape_from_hf
     from megatron_nft.rollout import SamplingParams
     from megatron_nft.rollout.sglang_client import SGLangEngine
+    from megatron_nft.rollout.weight_sync import sync_from_stages
+    from megatron_nft.trainer import sync_weights
 
     actor = Actor(shape_from_hf(config), tp=2, pp=2, micro_batch_size=4,
                   optim=OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0), algo=AlgoConfig(name="nft", agg="token_mean"))
     actor.load_hf(lambda n: state[n])
-    engine = SGLangEngine([url], transport=DiskTransport(sync_dir), bucket_bytes=BUCKET_BYTES) if rank == 0 else None
-    out = {}
+    transport = DiskTransport(sync_dir)
+    engine = SGLangEngine([url], transport=transport, bucket_bytes=BUCKET_BYTES) if rank == 0 else None
+    bundle = actor.bundle
+    out = {"stage": bundle.pp_rank, "source": bundle.stage_source}
     previous = None
     for version in (1, 2):
         box = [None]
+        if version == 1:
+            if rank == 0:
+                meter = LiveBytes()
+                engine.update_weights(meter.watch(actor.hf_tensors()), version)
+            else:
+                assert list(actor.hf_tensors()) == []  # this rank's part of the gather is done within the call
+        else:
+            sync_weights(actor, engine, version)
         if rank == 0:
-            meter = LiveBytes()
-            engine.update_weights(meter.watch(actor.hf_tensors()), version)
             completions = engine.generate(prompts, SamplingParams(max_new_tokens=8, n=2, seed=version))
             box = [[(prompts[c.prompt_index], c.token_ids, c.logprobs, c.weight_version) for c in completions]]
-        else:
-            assert list(actor.hf_tensors()) == []  # this rank's part of the gather is done within the call
         dist.broadcast_object_list(box, src=0)
         rows = box[0]
         width = max(len(p) + len(t) for p, t, _, _ in rows)
@@ -439,20 +510,47 @@ def _sync_worker(rank, world_size, config, state, url, sync_dir, prompts):
             out[version] = {
                 "max_abs_diff": float(((actor_lp - engine_lp).abs() * mask).max()),
                 "versions": sorted({v for *_, v in rows}),
-                "report": engine.last_sync,
-                "peak": meter.peak, "largest": meter.largest, "total": meter.total,
+                "report": dataclasses.asdict(engine.last_sync),
                 "changed": changed,
+                "files": sorted(set(hf_weight_map(transport.version_dir(version)).values())),
             }
+            if version == 1:
+                out[version] |= {"peak": meter.peak, "largest": meter.largest, "total": meter.total}
         previous = (tokens, actor_lp, mask)
         if version == 1:  # a real optimizer step, so that version 2 carries different weights
             rewards = torch.tensor([float(i % 2) for i in range(len(rows))])
             actor.train_step({"tokens": tokens, "loss_mask": mask, "old_logprobs": actor_lp - 0.3,
                               "rewards": rewards, "correct_rate": torch.full((len(rows),), 0.5)})
+
+    def stage_1_fails():
+        # stage 1's sender hands one tensor twice: its own bucketing refuses it part-way through the
+        # stream, and the stage's other tensor-parallel rank must still finish its gathers
+        stream = bundle.stage_tensors()
+
+        def doubled():
+            for name, tensor in stream:
+                yield name, tensor
+                if bundle.pp_rank == 1:
+                    yield name, tensor
+
+        return doubled()
+
+    try:
+        sync_from_stages(engine, stage_1_fails, stage=bundle.pp_rank, source=bundle.stage_source, version=3)
+        out["failure"] = None
+    except Exception as e:  # noqa: BLE001 - the message is what is checked
+        out["failure"] = f"{type(e).__name__}: {e}"
+    if rank == 0:
+        out["left"] = sorted(p.name for p in Path(sync_dir).iterdir())
+        out["after_failure"] = (engine.weight_version, engine.generate(prompts[:1], SamplingParams(max_new_tokens=2))[0].weight_version)
     return out
 
 
 @pytest.mark.slow
 def test_tp2_pp2_actor_sync_to_local_http_server(tmp_path):
+    """Today's rank-0 stream and the per-stage path (each stage's source writes its own shards) give
+    the server the actor's log-probs (|Δ| < 1e-5); a stage that fails part-way fails the sync on
+    every rank, loads nothing and leaves no directory."""
     from megatron_nft.rollout.control import wait_healthy
     from megatron_nft.rollout.servers import free_ports, launch_servers, local_server_command
 
@@ -466,19 +564,30 @@ def test_tp2_pp2_actor_sync_to_local_http_server(tmp_path):
     try:
         wait_healthy([url], timeout_s=300, alive=lambda _: server.check_alive())
         prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
-        results = run_distributed(_sync_worker, 4, config, state, url, str(tmp_path / "sync"), prompts, timeout_s=900)[0]
+        ranks = run_distributed(_sync_worker, 4, config, state, url, str(tmp_path / "sync"), prompts, timeout_s=900)
     finally:
         server.stop()
-    for version, r in results.items():
+    results = ranks[0]
+    assert [(r["stage"], r["source"]) for r in ranks] == [(0, True), (0, False), (1, True), (1, False)]
+    total = sum(tensor_bytes(t) for t in state.values())
+    for version in (1, 2):
+        r = results[version]
         assert r["versions"] == [version]
         assert r["max_abs_diff"] < 1e-5, (version, r["max_abs_diff"])
         report = r["report"]
-        assert report.version == version and report.seconds > 0 and report.total_bytes == r["total"]
-        assert report.num_tensors == len(state) and report.num_buckets >= 4
-        assert report.max_bucket_bytes <= max(BUCKET_BYTES, r["largest"])
-        # the sender held at most one bucket plus the tensor that closed it, a fraction of the model
-        assert r["peak"] <= BUCKET_BYTES + r["largest"] < r["total"] / 2, r
+        assert report["version"] == version and report["seconds"] > 0 and report["total_bytes"] == total
+        assert report["num_tensors"] == len(state) and report["num_buckets"] >= 4
+        assert report["max_bucket_bytes"] <= BUCKET_BYTES + max(tensor_bytes(t) for t in state.values())
+    # today's path: one sender, which held at most one bucket plus the tensor that closed it
+    r = results[1]
+    assert r["total"] == total and r["peak"] <= BUCKET_BYTES + r["largest"] < r["total"] / 2, r
+    assert all(f.startswith("model-0") for f in r["files"])
+    # the trainer's path: both stages wrote their own shards
+    assert {f.split("-")[1] for f in results[2]["files"]} == {"pp000", "pp001"}
     assert results[2]["changed"] > 1e-3  # the optimizer step moved the policy, and v2 followed it
+    for r in ranks:
+        assert "stage 1 (rank 2): ValueError: weight sync: tensor" in r["failure"] and "appears twice" in r["failure"], r["failure"]
+    assert results["left"] == ["weights_v000002"] and results["after_failure"] == (2, 2)
 
 
 @pytest.mark.gpu

@@ -174,6 +174,44 @@ class ModelBundle:
             pass
         return iter(())
 
+    @property
+    def stage_source(self) -> bool:
+        """Whether this rank sends its pipeline stage's weights in a per-stage sync: tensor-, data-
+        and context-parallel rank 0 of its stage (one rank per stage; global rank 0 for stage 0)."""
+        from megatron.core import parallel_state as ps
+
+        return self.tp_rank == 0 and ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+
+    def stage_tensors(self, device: str | torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) of this rank's pipeline stage only, on the stage's source rank
+        (`stage_source`); every rank calls this. The stages together give `hf_tensors()`'s set, each
+        tensor once (a tied output layer comes from the first stage's embedding).
+
+        As `hf_tensors`, a lazy stream on the source (its consumer must read it to the end) and an
+        empty iterator elsewhere, after this rank's part of the tensor-parallel gathers. Nothing
+        crosses the pipeline: each stage's source can hand its own tensors to the transport while
+        the other stages do the same."""
+        stream = self._stage_stream(torch.device(device) if device is not None else self.device)
+        if self.stage_source:
+            return stream
+        for _ in stream:  # yields nothing here: this rank's part is the tensor-parallel gathers
+            pass
+        return iter(())
+
+    @torch.no_grad()
+    def _stage_stream(self, target: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+        from megatron.core import parallel_state as ps
+
+        # only the tensor-parallel group of the stage's source gathers; other replicas hold the same
+        if ps.get_data_parallel_rank() != 0 or ps.get_context_parallel_rank() != 0:
+            return
+        source = self.tp_rank == 0
+        for item in self._exported_params():
+            pairs = self._gathered(*item)
+            if source:
+                # copy: with TP=1 the "gathered" tensor is the live parameter, which training changes
+                yield from ((n, t.to(target, copy=True)) for n, t in pairs)
+
     @torch.no_grad()
     def _export_stream(self, target: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
         """One parameter at a time is all-gathered over tensor parallelism and, with pipeline

@@ -32,7 +32,9 @@ import torch
 from megatron_nft.rollout import protocol
 from megatron_nft.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_nft.rollout.control import request_json, wait_healthy
-from megatron_nft.rollout.weight_sync import DEFAULT_BUCKET_BYTES, SyncReport, WeightTransport, sync_weights
+from megatron_nft.rollout.weight_sync import (
+    DEFAULT_BUCKET_BYTES, SyncReport, WeightTransport, stage_report, sync_weights, update_servers,
+)
 
 
 class RequestRejected(RuntimeError):
@@ -142,6 +144,26 @@ class SGLangEngine(RolloutEngine):
             self._alive[url] = True
         self.rejoined = back
         self._version = version
+
+    def stage_plan(self, version: int):
+        """The plan of a sync in which every pipeline stage sends its own tensors
+        (weight_sync.sync_from_stages), or None when the transport takes one stream from rank 0."""
+        if self.transport is None:
+            raise RuntimeError("SGLangEngine.stage_plan: no weight transport configured")
+        return self.transport.stage_plan(version, self.bucket_bytes)
+
+    def load_stages(self, plan, results) -> SyncReport:
+        """After every stage has sent its part of `plan`: the servers (with those that rejoin) load
+        the version, paused meanwhile, as in update_weights."""
+        back = self._recovered() if self.transport.name != "nccl" else []
+        urls = self.live_urls + back
+        update_servers(urls, self.transport, lambda: self.transport.commit_stages(urls, plan, results))
+        self.last_sync = stage_report(plan, results)
+        for url in back:
+            self._alive[url] = True
+        self.rejoined = back
+        self._version = plan.version
+        return self.last_sync
 
     def _recovered(self) -> list[str]:
         """Dropped servers that answer /health again."""

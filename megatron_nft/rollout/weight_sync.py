@@ -26,7 +26,13 @@ joins, which would leave the sender waiting) and only from servers with --dp-siz
 dp_size == 1: HTTP 500). sync_weights therefore checks each server's /server_info first (dp_size 1,
 tp_size = the ranks the transport feeds) and opens and closes the session around the buckets.
 
-This module only consumes an iterator, so it needs nothing from the actor.
+Per pipeline stage (`sync_from_stages`, what the trainer uses): with the disk transport each
+stage's source rank (tensor-, data- and context-parallel rank 0 of the stage) writes its own shards
+into the version directory, all stages at once, instead of sending every tensor through global rank
+0; rank 0 writes the index over them and has the servers load the directory. The NCCL and CUDA-IPC
+transports take one stream from rank 0 for now (`send`); the in-process LocalEngine always does.
+
+This module only consumes iterators, so it needs nothing from the actor.
 """
 
 from __future__ import annotations
@@ -41,9 +47,9 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -113,6 +119,15 @@ class WeightTransport(abc.ABC):
     def send(self, urls: list[str], buckets: Iterator[Bucket], version: int, report: SyncReport) -> None:
         """Ships every bucket (updating `report` as they go) and stamps `version` on the servers."""
 
+    def stage_plan(self, version: int, bucket_bytes: int) -> StagePlan | None:
+        """What each pipeline stage's source rank needs to send its own tensors (`sync_from_stages`);
+        None: this transport takes the whole model from one sender, rank 0 (`send`)."""
+        return None
+
+    def commit_stages(self, urls: list[str], plan: StagePlan, results: list[StageResult]) -> None:
+        """On rank 0, once every stage has sent: has the servers load the version, stamped with it."""
+        raise NotImplementedError(f"{self.name} transport: no per-stage sync")
+
     def close(self) -> None:
         """Releases what the transport holds (files, process groups)."""
 
@@ -132,21 +147,27 @@ def sync_weights(
         raise ValueError(f"sync_weights: version must be an integer, got {version!r}")
     start = time.perf_counter()
     report = SyncReport(version=version)
+    buckets = _measured(iter_buckets(named_tensors, bucket_bytes), report)
+    update_servers(urls, transport, lambda: transport.send(urls, buckets, version, report))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def update_servers(urls: list[str], transport: WeightTransport, load: Callable[[], None]) -> None:
+    """Runs `load` (the transport's part) with the servers paused, inside a weight-update session
+    where the transport needs one, and flushes their caches before they continue."""
     transport.check_servers(urls)
     post_all(urls, "/pause_generation", protocol.pause_body())
     try:
-        buckets = _measured(iter_buckets(named_tensors, bucket_bytes), report)
         if transport.needs_session:
             with weight_update_session(urls):
-                transport.send(urls, buckets, version, report)
+                load()
         else:
-            transport.send(urls, buckets, version, report)
+            load()
         # A prefix cache built by the old weights would serve stale KV to new requests.
         post_all(urls, "/flush_cache", None)
     finally:
         post_all(urls, "/continue_generation", protocol.continue_body())
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 @contextlib.contextmanager
@@ -212,6 +233,122 @@ def _measured(buckets: Iterator[Bucket], report: SyncReport) -> Iterator[Bucket]
 
 
 # ----------------------------------------------------------------------------------------------------
+# per pipeline stage: every stage's source rank sends its own tensors, all stages at once
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What rank 0 tells every stage's source rank before a per-stage sync (it travels over the
+    control group). `target`: where the stages send (the disk transport: the temporary version
+    directory, on a file system every stage's source rank and every server sees)."""
+
+    transport: str
+    version: int
+    bucket_bytes: int
+    target: str
+
+
+@dataclass
+class StageResult:
+    """One stage source's part of a per-stage sync, gathered on rank 0. `error`: why it failed."""
+
+    stage: int
+    weight_map: dict[str, str] = field(default_factory=dict)
+    num_tensors: int = 0
+    total_bytes: int = 0
+    num_buckets: int = 0
+    max_bucket_bytes: int = 0
+    error: str | None = None
+
+
+def merged_weight_map(plan: StagePlan, results: list[StageResult]) -> dict[str, str]:
+    """The stages' weight maps as one index; a failed stage or a tensor two stages sent raises."""
+    failed = [r.error for r in results if r.error is not None]
+    if failed:
+        raise RuntimeError(f"weight sync v{plan.version}: {'; '.join(failed)}")
+    merged: dict[str, str] = {}
+    for r in sorted(results, key=lambda r: r.stage):
+        twice = sorted(set(merged) & set(r.weight_map))
+        if twice:
+            raise ValueError(f"weight sync v{plan.version}: stage {r.stage} sent {twice[0]!r}, which another stage sent too")
+        merged.update(r.weight_map)
+    return merged
+
+
+def stage_report(plan: StagePlan, results: list[StageResult]) -> SyncReport:
+    """The stages' counters as one report (`max_bucket_bytes`: the largest any one sender staged)."""
+    return SyncReport(version=plan.version, num_tensors=sum(r.num_tensors for r in results),
+                      total_bytes=sum(r.total_bytes for r in results), num_buckets=sum(r.num_buckets for r in results),
+                      max_bucket_bytes=max((r.max_bucket_bytes for r in results), default=0))
+
+
+def write_stage(plan: StagePlan, stage: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> StageResult:
+    """A stage source's send for the plan's transport (the transport object itself lives on rank 0)."""
+    writers = {DiskTransport.name: DiskTransport.write_stage}
+    if plan.transport not in writers:
+        raise ValueError(f"weight sync: no per-stage sender for transport {plan.transport!r}")
+    return writers[plan.transport](plan, stage, named_tensors)
+
+
+def sync_from_stages(engine, stage_tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]], *, stage: int,
+                     source: bool, version: int) -> SyncReport | None:
+    """Weight sync with every pipeline stage sending its own tensors at once; every rank calls it.
+
+    Rank 0's `engine` (None on the other ranks) decides: an engine whose transport takes per-stage
+    sends (`stage_plan`: SGLang servers through the disk transport) gets them; otherwise (the
+    in-process LocalEngine, which only rank 0 can feed, or a single-sender transport) this returns
+    None on every rank and nothing has happened: the caller syncs through `hf_tensors()`.
+
+    `stage_tensors()` is the bundle's per-stage stream (every rank calls it: the tensor-parallel
+    gathers); `source`: this rank is its stage's sender. The ranks then meet on the control group
+    (every stage's part is written), rank 0 has the servers load the whole version, and its outcome
+    is shared, so that a failure anywhere raises on every rank. Returns the report on every rank.
+    """
+    from megatron_nft import runtime
+
+    start = time.perf_counter()
+    plan_for = getattr(engine, "stage_plan", None)  # engines without it take one stream on rank 0
+    plan = runtime.broadcast_object(plan_for(version) if plan_for is not None else None)
+    if plan is None:
+        return None
+    stream = stage_tensors()
+    result = None
+    if source:
+        try:
+            result = write_stage(plan, stage, stream)
+        except Exception as e:  # noqa: BLE001 - shared with every rank below, raised everywhere
+            for _ in stream:  # the stage's other tensor-parallel ranks wait in the remaining gathers
+                pass
+            result = StageResult(stage, error=f"stage {stage} (rank {_rank()}): {type(e).__name__}: {e}")
+    else:
+        for _ in stream:  # nothing to send here; a lazy stream still owes its collectives
+            pass
+    results = [r for r in runtime.gather_objects(result) if r is not None]  # the barrier: all stages written
+    outcome, failure = None, None
+    if engine is not None:
+        try:
+            report = engine.load_stages(plan, results)
+            report.seconds = time.perf_counter() - start
+            outcome = report
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+            failure = e
+            outcome = f"{type(e).__name__}: {e}"
+    outcome = runtime.broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    if isinstance(outcome, str):
+        raise RuntimeError(f"weight sync v{version} failed on rank 0: {outcome}")
+    return outcome
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # disk
 # ----------------------------------------------------------------------------------------------------
 
@@ -222,10 +359,16 @@ class DiskTransport(WeightTransport):
     The directory is written under a temporary name and renamed when complete, so a server never
     loads a half-written version; older versions are removed once the servers have loaded the new
     one. `root` must be visible to every server under the same path (a shared file system on a
-    cluster).
+    cluster), and, for a per-stage sync, to every pipeline stage's source rank.
+
+    Per-stage sync (`stage_plan`, `write_stage`, `commit_stages`): rank 0 makes the temporary
+    directory, each stage's source rank writes its own shards there (model-pp<stage>-<n>), all at
+    once, and rank 0 writes the index over all of them, renames and has the servers load the
+    directory, which is what SGLang's /update_weights_from_disk reads: every shard an index names.
     """
 
     name = "disk"
+    INDEX = "model.safetensors.index.json"
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -233,33 +376,52 @@ class DiskTransport(WeightTransport):
     def version_dir(self, version: int) -> Path:
         return self.root / f"weights_v{version:06d}"
 
-    def send(self, urls, buckets, version, report):
-        from safetensors.torch import save_file
-
+    def _fresh_tmp(self, version: int) -> Path:
         final = self.version_dir(version)
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        weight_map: dict[str, str] = {}
-        total = 0
+        return tmp
+
+    def send(self, urls, buckets, version, report):
+        tmp = self._fresh_tmp(version)
         try:
-            # no enumerate(): its cached result tuple would keep the previous bucket alive
-            for bucket in buckets:
-                fname = f"model-{len(set(weight_map.values())):05d}.safetensors"
-                shard = {name: t.detach().to("cpu").contiguous() for name, t in bucket}
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({name: fname for name in shard})
-                total += sum(tensor_bytes(t) for t in shard.values())
-                del shard, bucket
-            index = {"metadata": {"total_size": total, "weight_version": version}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            weight_map, total = _write_shards(tmp, buckets, "model")
+            self._publish(urls, tmp, version, weight_map, total)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def stage_plan(self, version, bucket_bytes):
+        return StagePlan(self.name, version, bucket_bytes, str(self._fresh_tmp(version).resolve()))
+
+    @staticmethod
+    def write_stage(plan: StagePlan, stage: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> StageResult:
+        """On a stage's source rank: its tensors as shards in the plan's directory (no index)."""
+        report = SyncReport(plan.version)
+        weight_map, _ = _write_shards(Path(plan.target), _measured(iter_buckets(named_tensors, plan.bucket_bytes), report),
+                                      f"model-pp{stage:03d}")
+        return StageResult(stage, weight_map, report.num_tensors, report.total_bytes, report.num_buckets,
+                           report.max_bucket_bytes)
+
+    def commit_stages(self, urls, plan, results):
+        tmp = Path(plan.target)
+        try:
+            weight_map = merged_weight_map(plan, results)
+            self._publish(urls, tmp, plan.version, weight_map, sum(r.total_bytes for r in results))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _publish(self, urls, tmp: Path, version: int, weight_map: dict[str, str], total: int) -> None:
+        """Index, rename into place, load on the servers, drop older versions."""
+        final = self.version_dir(version)
+        index = {"metadata": {"total_size": total, "weight_version": version}, "weight_map": weight_map}
+        (tmp / self.INDEX).write_text(json.dumps(index, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
         post_all(urls, "/update_weights_from_disk", protocol.update_from_disk_body(str(final.resolve()), version))
         for old in self.root.glob("weights_v*"):
             if old != final and not old.name.startswith(f"{final.name}.tmp"):
@@ -268,6 +430,25 @@ class DiskTransport(WeightTransport):
     def close(self) -> None:
         for old in self.root.glob("weights_v*"):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_shards(directory: Path, buckets: Iterable[Bucket], prefix: str) -> tuple[dict[str, str], int]:
+    """One safetensors file per bucket, `<prefix>-<n>.safetensors`; returns (weight map, bytes)."""
+    from safetensors.torch import save_file
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    count = 0
+    # no enumerate(): its cached result tuple would keep the previous bucket alive
+    for bucket in buckets:
+        fname = f"{prefix}-{count:05d}.safetensors"
+        count += 1
+        shard = {name: t.detach().to("cpu").contiguous() for name, t in bucket}
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+        total += sum(tensor_bytes(t) for t in shard.values())
+        del shard, bucket
+    return weight_map, total
 
 
 # ----------------------------------------------------------------------------------------------------
