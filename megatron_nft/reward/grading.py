@@ -266,8 +266,7 @@ class GradingPool:
     def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None and os.getpid() == self._pid:
-            pool.stop()
-            pool.join()
+            _stop(pool)
 
     @property
     def closed(self) -> bool:
@@ -276,30 +275,46 @@ class GradingPool:
     def _restart(self) -> None:
         old, self._pool = self._pool, pebble.ProcessPool(max_workers=self.workers, initializer=_worker_init,
                                                          context=_mp_context())
-        old.stop()
-        old.join()
+        _stop(old)
 
     def _grade(self, pairs: dict, grade_fn, timeout_s: float, scores: list[float]) -> tuple[int, list[BaseException]]:
-        """Grades every distinct pair in the pool, writing scores; returns (timeouts, the failures)."""
+        """Grades every distinct pair in the pool, writing scores; returns (timeouts, the failures).
+
+        Each answer is bounded by its timeout once a worker runs it; the batch as a whole by a progress
+        watchdog: when no answer at all finishes for `window` seconds, no worker is running (they cannot
+        start, or all were killed between pebble's checks), and the pending answers become failures
+        rather than a wait without end (seen on a loaded box: pebble left such futures pending)."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
         futures = [
             self._pool.schedule(_grade_task, args=(grade_fn, gold, answer), timeout=timeout_s)
             for gold, answer in pairs
         ]
+        pending = dict(zip(futures, pairs.values()))
+        window = max(30.0, 2 * timeout_s + 10.0)
         timeouts, failures = 0, []
         try:
-            for future, index in zip(futures, pairs.values()):
-                try:
-                    value = future.result()
-                except FutureTimeoutError:
-                    timeouts += 1
-                    continue
-                except Exception as e:  # ProcessExpired (worker crashed/OOM-killed), a broken pool, a grader bug
-                    failures.append(e)
-                    continue
-                for i in index:
-                    scores[i] = value
+            while pending:
+                done, _ = wait(list(pending), timeout=window, return_when=FIRST_COMPLETED)
+                if not done:
+                    stalled = BrokenProcessPool(f"no answer finished for {window:.0f} s: the pool has no running worker")
+                    failures += [stalled] * len(pending)
+                    break
+                for future in done:
+                    index = pending.pop(future)
+                    try:
+                        value = future.result()
+                    except FutureTimeoutError:
+                        timeouts += 1
+                        continue
+                    except Exception as e:  # ProcessExpired (worker crashed/OOM-killed), a broken pool, a grader bug
+                        failures.append(e)
+                        continue
+                    for i in index:
+                        scores[i] = value
         finally:
-            for future in futures:  # on KeyboardInterrupt & co: do not leave work queued
+            for future in futures:  # on KeyboardInterrupt, a stall & co: do not leave work queued
                 future.cancel()
         return timeouts, failures
 
@@ -379,6 +394,16 @@ class GradingPool:
         if timeouts:
             logger.warning("%d of %d graded answers hit the %.3g s timeout and scored 0", timeouts, len(pairs), timeout_s)
         return scores
+
+
+def _stop(pool: pebble.ProcessPool, timeout_s: float = 30.0) -> None:
+    """Stops a pool; a broken one may never finish joining (its workers, if any, die with this
+    process: parent_death)."""
+    pool.stop()
+    try:
+        pool.join(timeout=timeout_s)
+    except TimeoutError:
+        logger.warning("grading pool did not stop within %.0f s; leaving it", timeout_s)
 
 
 class GradingPoolBroken(RuntimeError):
