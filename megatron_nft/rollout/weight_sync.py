@@ -438,11 +438,9 @@ def _write_shards(directory: Path, buckets: Iterable[Bucket], prefix: str) -> tu
 
     weight_map: dict[str, str] = {}
     total = 0
-    count = 0
     # no enumerate(): its cached result tuple would keep the previous bucket alive
     for bucket in buckets:
-        fname = f"{prefix}-{count:05d}.safetensors"
-        count += 1
+        fname = f"{prefix}-{len(set(weight_map.values())):05d}.safetensors"
         shard = {name: t.detach().to("cpu").contiguous() for name, t in bucket}
         save_file(shard, str(directory / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
