@@ -486,6 +486,7 @@ class Actor:
         if with_optimizer:
             megatron_workarounds.materialize_adam_state(self.optimizer)  # a run saved before its first update
         with runtime.megatron_device_compat():
+            megatron_workarounds.results_queue_that_dies_with_us()
             dist_checkpointing.save(self._sharded_state_dict(is_loading=False, with_optimizer=with_optimizer), str(directory))
         if runtime.is_main_rank():
             ActorState.capture(steps=self.steps, optimizer=self.optimizer, scheduler=self.scheduler).write(directory)

@@ -66,3 +66,30 @@ def restore_adam_steps(optimizer, step: int) -> None:
         for state in opt.state.values():
             if "step" in state:
                 state["step"] = torch.tensor(float(step))
+
+
+_results_managers: list = []  # kept alive for the process's life, as megatron-core keeps its own
+
+
+def results_queue_that_dies_with_us() -> None:
+    """Gives megatron-core's checkpoint writer a results queue whose server process dies with ours.
+
+    dist_checkpointing/strategies/filesystem_async.py `get_write_results_queue` starts, on a process's
+    first torch_dist save, a multiprocessing Manager (a spawned server process, ~770 MB resident once
+    it has imported torch) and keeps it in the module global `_results_queue`. Its clean-up runs only
+    at a normal exit: a SIGKILLed trainer (OOM killer, Slurm after KillWait, a test) left it alive
+    with parent init. Here the same kind of Manager is started with parent_death's initializer, and
+    its queue put where megatron-core looks for one; megatron-core then never starts its own."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_nft.parent_death import die_with_parent
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=die_with_parent)
+    _results_managers.append(manager)
+    filesystem_async._results_queue = manager.Queue()

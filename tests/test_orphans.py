@@ -1,7 +1,8 @@
 """SIGKILL of the trainer leaves no process of the project alive (#14 item 8).
 
 A kill -9 (the OOM killer, Slurm after KillWait) runs no clean-up in the trainer: its grading workers,
-its rollout server and the fork server behind the workers must go by themselves (parent_death.py).
+its rollout server, the fork server behind the workers and megatron-core's checkpoint results manager
+must go by themselves (parent_death.py, megatron_workarounds.results_queue_that_dies_with_us).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["warmup.steps=10", "data.n_train=200", "data.n_eval=4", "model.hidden_size=64", "model.num_layers=2",
         "model.intermediate_size=128", "rollout.prompts_per_step=4", "rollout.gen_prompts=8", "rollout.samples_per_prompt=4",
-        "run.steps=50", "eval.every=0", "reward.workers=2", "rollout.engine=local_http", "rollout.num_servers=1",
+        "run.steps=50", "run.save_every=1", "eval.every=0", "reward.workers=2", "rollout.engine=local_http", "rollout.num_servers=1",
         "rollout.server_args=[--threads,1]"]
 
 
@@ -41,15 +42,17 @@ def test_sigkill_of_the_trainer_leaves_no_process_alive(tmp_path):
     descendants = []
     try:
         deadline = time.monotonic() + 600
-        metrics = run / "metrics.jsonl"
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # training is under way
+        saved = run / "checkpoints" / "step_000001" / "manifest.json"
+        while not saved.is_file():  # training is under way and has saved once
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "the run did not reach its first step"
             time.sleep(0.2)
         descendants = psutil.Process(proc.pid).children(recursive=True)
         kinds = " ".join(" ".join(p.cmdline()) for p in descendants)
-        # what the trainer had started: the rollout server, the grading workers' fork server (and workers)
+        # what the trainer had started: the rollout server, the grading workers' fork server (and workers),
+        # and the results-queue manager megatron-core's checkpoint writer starts on the first save
         assert "megatron_nft.rollout.http_server" in kinds and "forkserver" in kinds, kinds
+        assert "multiprocessing.spawn" in kinds, kinds
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 10

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_nft import runtime
+from megatron_nft import megatron_workarounds, runtime
 from megatron_nft.model import mapping
 from megatron_nft.model.qwen2 import ModelOptions, Qwen2Shape, build_gpt_model, te_available, transformer_config
 
@@ -262,6 +262,7 @@ class ModelBundle:
         from megatron.core import dist_checkpointing
 
         with runtime.megatron_device_compat():
+            megatron_workarounds.results_queue_that_dies_with_us()
             dist_checkpointing.save(self.model.sharded_state_dict(), str(directory))
 
     def load(self, directory: str | Path) -> None:
