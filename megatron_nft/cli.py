@@ -135,7 +135,6 @@ def _run_eval(args) -> dict:
 
     from megatron_nft.data.benchmarks import load_benchmark, resolve_benchmark
     from megatron_nft.evaluate import evaluate_benchmarks, paper_sampling, paper_samples
-    from megatron_nft.errors import ConfigError
     from megatron_nft.preflight import check_context, check_hf_model
 
     _check_eval_flags(args)
@@ -219,7 +218,7 @@ def _check_eval_paths(args, paths) -> None:
     from megatron_nft.data.benchmarks import benchmark_names
     from megatron_nft.errors import ConfigError
     from megatron_nft.evaluate import RESULTS_FILE
-    from megatron_nft.preflight import is_within
+    from megatron_nft.run_dir import is_within
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -247,7 +246,6 @@ def _eval_engine(args, config, shape):
     from pathlib import Path
 
     from megatron_nft.config import RolloutConfig
-    from megatron_nft.errors import ConfigError
     from megatron_nft.model.hf_io import hf_tensor_reader
     from megatron_nft.model.mapping import hf_names
     from megatron_nft.rollout import LocalEngine, make_engine

@@ -72,19 +72,14 @@ def check_context(max_new_tokens: int, context: int, setting: str, where: str) -
         )
 
 
-def is_within(path: Path, other: Path) -> bool:
-    """path is `other` or lies inside it (both resolved, so links and `..` do not hide it)."""
-    path, other = path.resolve(), other.resolve()
-    return path == other or other in path.parents
-
-
 def check_train(cfg: TrainConfig, *, demo: bool = False) -> None:
     """Everything `megatron-nft train` (or `demo`) can know to be wrong before prepare_run_dir."""
     check_world(cfg)
+    from megatron_nft.run_dir import check_run_dir_against_inputs
+
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir={cfg.run.dir}: exists and is not a directory")
-    inputs = []
     if demo:  # the demo builds its model from the model.* shape
         m = cfg.model
         check_context(cfg.rollout.max_new_tokens, m.max_position_embeddings, "rollout.max_new_tokens=",
@@ -97,19 +92,13 @@ def check_train(cfg: TrainConfig, *, demo: bool = False) -> None:
         check_context(cfg.rollout.max_new_tokens, shape.max_position_embeddings, "rollout.max_new_tokens=",
                       f"{cfg.model.hf_path}/config.json max_position_embeddings")
         shape.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
-        inputs.append(("model.hf_path", Path(cfg.model.hf_path)))
     if cfg.model.megatron_ckpt is not None:
         if not (Path(cfg.model.megatron_ckpt) / "metadata.json").is_file():
             raise CheckpointError(f"model.megatron_ckpt={cfg.model.megatron_ckpt}: not a megatron-core checkpoint "
                                   "(no metadata.json)")
-        inputs.append(("model.megatron_ckpt", Path(cfg.model.megatron_ckpt)))
     if cfg.data.task == "jsonl":
         for key in ("train_path", "eval_path"):
             value = getattr(cfg.data, key)
             if value is not None and not Path(value).is_file():
                 raise DataError(f"data.{key}={value}: no such file; expected a .jsonl or .parquet prompt file")
-            if value is not None:
-                inputs.append((f"data.{key}", Path(value)))
-    for key, path in inputs:
-        if is_within(run_dir, path):
-            raise ConfigError(f"run.dir={cfg.run.dir} lies inside {key}={path}: a run must not write into its inputs")
+    check_run_dir_against_inputs(cfg)  # the rule prepare_run_dir applies, before anything is created

@@ -37,7 +37,8 @@ def run_inputs(cfg: TrainConfig) -> dict[str, Path]:
     return {name: Path(value) for name, value in fields.items() if value}
 
 
-def _inside(path: Path, root: Path) -> bool:
+def is_within(path: Path, root: Path) -> bool:
+    """path is `root` or lies inside it (both resolved, so links and `..` do not hide it)."""
     path, root = path.resolve(), root.resolve()
     return path == root or root in path.parents
 
@@ -47,10 +48,10 @@ def check_run_dir_against_inputs(cfg: TrainConfig) -> None:
     run.overwrite it must not hold one either (it is deleted). One ConfigError names the pair."""
     run_dir = Path(cfg.run.dir)
     for name, path in run_inputs(cfg).items():
-        if _inside(run_dir, path):
+        if is_within(run_dir, path):
             raise ConfigError(f"run.dir={run_dir} lies inside {name}={path}: the run would write into its input; "
                               f"choose a run.dir outside it")
-        if cfg.run.overwrite and _inside(path, run_dir):
+        if cfg.run.overwrite and is_within(path, run_dir):
             raise ConfigError(f"{name}={path} lies inside run.dir={run_dir}, which run.overwrite=true deletes; "
                               f"move the input out of the run directory or choose another run.dir")
 
