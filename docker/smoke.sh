@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Smoke test of the megatron-nft image: run at the end of `docker build` (no GPU) and, for the full
 # check, in a container with one:  docker run --gpus all --rm IMAGE bash /opt/megatron-nft/docker/smoke.sh
+# With a GPU it ends with docker/gpu_smoke.py: SGLang serving a tiny random model, an actor train step
+# with Transformer Engine (FP8 where the GPU has it), a weight sync and matching log-probs (~2-3 min).
 # Exits non-zero naming the first piece that is missing.
 set -euo pipefail
 
@@ -67,4 +69,12 @@ fi
 
 echo "== tools the Slurm scripts run in the container"
 for tool in pkill torchrun; do command -v "${tool}" > /dev/null || { echo "smoke: ${tool} is missing" >&2; exit 1; }; done
+
+if [ "${GPU}" = 1 ]; then
+  # SGLang on a tiny random model, the TE (+FP8) actor's train step, the disk weight sync between
+  # them and their log-probs agreeing: one line per check, exit 1 naming the first that fails
+  echo "== end to end on the GPU (docker/gpu_smoke.py)"
+  python "$(dirname "$0")/gpu_smoke.py" --device cuda --sglang-python "${SGLANG_PYTHON}" \
+    || { echo "smoke: the end-to-end GPU check failed (its FAILED line above names the check)" >&2; exit 1; }
+fi
 echo "smoke: ok"
