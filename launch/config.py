@@ -73,7 +73,7 @@ class JobConfig:
     rollout_seed: int = 1234  # SGLang --random-seed
     rollout_concurrency: int = 64  # requests in flight per SGLang replica: rollout.max_concurrency = this x dp
     server_args: list[str] = field(default_factory=list)  # extra SGLang flags, e.g. ["--max-running-requests", "256"]
-    server_restarts: int = 3  # a server that exits is restarted in place this many times before the job ends
+    server_restarts: int = 3  # a server that exits is restarted in place this many times, then given up (the job goes on)
     server_gpus: int = 0  # > 0: one node, the trainer starts SGLang servers on the last server_gpus GPUs
     allocation: str = "heterogeneous"  # with rollout_nodes: heterogeneous or single (see ALLOCATIONS)
     rendezvous_port: int = 29500

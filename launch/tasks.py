@@ -24,6 +24,8 @@ SLURM_TRAINER_FLAGS = ("--quiet",)
 # torchrun and SGLang take as "shut down now"; the trainer script ignores it for everything it starts
 # and forwards a SIGTERM to the training processes only.
 STOP_SIGNAL = "USR1"
+# Seconds between a rollout server's exit and its restart (its GPUs' memory is released meanwhile).
+SERVER_RESTART_DELAY_S = 10
 # megatron_nft.cli.EXIT_STOPPED: stopped by SIGTERM after a checkpoint (the job should continue)
 EXIT_STOPPED = 75
 
@@ -179,24 +181,21 @@ def sglang_command(cfg: LaunchConfig) -> list[str]:
 
 
 def sglang_server(cfg: LaunchConfig):
-    """The server under a supervisor: one that exits (a GPU fault, an out-of-memory) is started again
-    in place, so its srun, and with it the whole job, lives on; the trainers' client re-sends the
-    prompts of a server that stopped answering to the others."""
+    """The server under launch.supervise, which is its srun's process: a server that exits (a GPU
+    fault, an out-of-memory) is started again in place, job.server_restarts times; after that the
+    supervisor answers 503 on the server's port and stays, because NeMo-Run's batch script ends the
+    whole job a minute after any srun exits. The trainers' client drops a server that stops
+    answering and re-sends its prompts to the others."""
     import nemo_run as run
 
-    restarts = cfg.job.server_restarts
+    job = cfg.job
     command = " ".join(shlex.quote(a) for a in sglang_command(cfg))
     lines = [
-        "set -uo pipefail",
-        f"trap '' {STOP_SIGNAL}  # the time-limit warning is the trainers'; servers serve until the job ends",
-        "restarts=0",
-        "while :; do",
-        f"  {command}",
-        "  code=$?",
-        f'  if [ "$restarts" -ge {restarts} ]; then echo "sglang: exited with $code; {restarts} restart(s) used, giving up" >&2; exit "$code"; fi',
-        "  restarts=$((restarts + 1))",
-        f'  echo "sglang: exited with $code; restart $restarts of {restarts} in 10 s" >&2',
-        "  sleep 10",
-        "done",
+        "set -euo pipefail",
+        "# The time-limit warning is the trainers'; servers serve until the job ends. Ignored here, it stays",
+        "# ignored in the supervisor and the server (before the supervisor could ignore it itself).",
+        f"trap '' {STOP_SIGNAL}",
+        (f"exec python -m launch.supervise --restarts {job.server_restarts} --delay {SERVER_RESTART_DELAY_S} "
+         f"--port {job.rollout_port} -- {command}"),
     ]
     return run.Script(inline="\n".join(lines) + "\n")

@@ -84,9 +84,19 @@ def server_script(text: str) -> str:
 
 
 def server_command(text: str) -> list[str]:
-    """The SGLang command line the server script runs (parsed by the shell's rules)."""
+    """The SGLang command line the server script's supervisor runs (parsed by the shell's rules)."""
     line = next(line for line in server_script(text).splitlines() if SGLANG_PYTHON in line)
-    return shlex.split(line)
+    words = shlex.split(line)
+    assert words[:3] == ["exec", "python", "-m"] and words[3] == "launch.supervise", line
+    return words[words.index("--") + 1:]
+
+
+def monitor_loop(script: str) -> str:
+    """NeMo-Run's loop at the end of the sbatch script that watches the sruns' pids (their 60 s waits
+    made 0.2 s)."""
+    start = script.index("all_done=false\n")
+    end = script.index("\ndone\n", start) + len("\ndone\n")
+    return script[start:end].replace("sleep 60", "sleep 0.2")
 
 
 def expected_paper(name):
@@ -436,34 +446,53 @@ def test_rollout_tp_and_the_trainers_server_tp_size_are_one_value(cluster, tmp_p
         assert "both are the SGLang servers' TP; give one value" in err[0]
 
 
-def test_sglang_servers_restart_in_place_and_ignore_the_warning(cluster, tmp_path):
+def test_a_server_given_up_does_not_end_the_job(cluster, tmp_path):
+    """NeMo-Run's batch script ends the job a minute after any srun exits; the server's srun runs
+    launch.supervise, which restarts the server job.server_restarts times and then stays (answering
+    503): the job ends when the trainers' srun does, with their exit code."""
+    from launch.supervise import GIVEN_UP
+    from megatron_nft.runtime import free_port
+
     _, text = dry("paper/qwen2.5-math-7b-nft", cluster, "job.server_restarts=2",
                   'job.server_args=["--max-running-requests","256"]', "job.rollout_seed=7")
     assert server_command(text)[-4:] == ["--random-seed", "7", "--max-running-requests", "256"]
-    # the generated supervisor, with a stand-in SGLang that fails twice, then serves until killed
+    server = server_script(text)
+    assert "trap '' USR1" in server  # Slurm's time-limit warning is the trainers'
+    assert "exec python -m launch.supervise --restarts 2 --delay 10 --port 30000 -- " in server
+    script = sbatch_script(text)
+    monitor = monitor_loop(script)
+    assert "kill -9" in monitor  # what ends every other srun once one has exited
+
+    def job(trainer: str, server: str) -> tuple[subprocess.CompletedProcess, float]:
+        """The sruns as local background processes, watched by the dry run's own monitor loop."""
+        body = f"set +e\n{trainer} & pids[0]=$!\n{server} & pids[1]=$!\n{monitor}echo \"job exited with code $exitcode\"\n"
+        begin = time.monotonic()
+        done = subprocess.run(["bash", "-c", body], check=False, cwd=REPO, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"})
+        return done, time.monotonic() - begin
+
+    # what the supervisor must avoid: a server's srun that exits ends the job, trainers and all
+    done, seconds = job("sleep 30", "sh -c 'exit 3'")
+    assert done.stdout.strip().endswith("job exited with code 3") and "Killing process" in done.stdout
+    assert seconds < 10
+
+    # the generated server script with a stand-in SGLang that exits at once, on a free port
     stub = tmp_path / "sglang"
-    stub.write_text(f"#!/bin/bash\necho start >> {tmp_path}/starts\n"
-                    f"[ $(wc -l < {tmp_path}/starts) -le 2 ] && exit 3\ntouch {tmp_path}/serving\n"
-                    "while :; do sleep 0.05; done\n")
+    stub.write_text(f"#!/bin/sh\necho start >> {tmp_path}/starts\nexit 3\n")
     stub.chmod(0o755)
-    script = server_script(text).replace(SGLANG_PYTHON, str(stub)).replace("sleep 10", "sleep 0")
-    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "serving").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGUSR1)  # the time-limit warning reaches every process of the step
-        time.sleep(0.5)
-        assert proc.poll() is None, "the warning stopped a server"
-        assert (tmp_path / "starts").read_text().count("start") == 3
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    # a server that keeps failing ends its srun after its restarts (and NeMo-Run's monitor the job)
-    stub.write_text("#!/bin/bash\nexit 3\n")
-    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 3 and "2 restart(s) used, giving up" in done.stderr
+    (tmp_path / "server.sh").write_text(
+        server.replace(SGLANG_PYTHON, str(stub)).replace("--delay 10", "--delay 0").replace("--port 30000", f"--port {free_port()}"))
+    log = tmp_path / "server.log"
+    # the trainers finish (exit 75: stopped with a checkpoint) a second after the server was given up
+    trainer = f"sh -c 'until grep -q \"{GIVEN_UP}\" {log} 2>/dev/null; do sleep 0.1; done; sleep 1; exit 75'"
+    done, seconds = job(trainer, f"bash {tmp_path / 'server.sh'} 2> {log}")
+    pids = dict(re.findall(r"Process (\d+) exited with code (\d+)", done.stdout))
+    assert len(pids) == 1 and list(pids.values()) == ["75"], done.stdout  # the trainers' srun ended the job
+    assert done.stdout.strip().endswith("job exited with code 75")
+    assert re.search(r"Killing process \d+", done.stdout)  # the supervisor, still there
+    assert (tmp_path / "starts").read_text().count("start") == 3
+    assert f"{GIVEN_UP}: the server exited with code 3, 2 restart(s) used" in log.read_text()
+    assert seconds < 30
 
 
 def test_cluster_environment_secrets_and_logs(cluster, tmp_path, monkeypatch, capsys):
