@@ -137,21 +137,27 @@ def write_model(out: Path, setup: Setup):
     return config, tokenizer
 
 
+def server_command(args, setup: Setup, model_dir: Path, port: int) -> list[str]:
+    """The command the trainer launches its rollout servers with (rollout.servers), for this setup."""
+    from megatron_nft.rollout import servers as srv
+
+    if setup.device == "cpu":
+        return srv.local_server_command(str(model_dir), port=port, random_seed=0, threads=1, extra_args=args.server_arg)
+    # mem_fraction_static: SGLang takes this share of the GPU's memory up front; the actor shares the
+    # GPU. dtype named, not read from config.json: SGLang's own transformers may predate its "dtype" key.
+    return srv.sglang_command(str(model_dir), port=port, mem_fraction_static=args.server_mem_fraction,
+                              dtype="bfloat16", random_seed=0, extra_args=args.server_arg, python=args.sglang_python)
+
+
 def start_server(args, setup: Setup, model_dir: Path, work: Path, stack: ExitStack):
-    """The rollout server the trainer would launch, and the SGLangEngine over it (disk transport)."""
+    """The rollout server on the checkpoint, and the SGLangEngine over it (disk transport)."""
     from megatron_nft.rollout import servers as srv
     from megatron_nft.rollout.sglang_client import SGLangEngine
     from megatron_nft.rollout.weight_sync import DiskTransport
 
     [port] = srv.free_ports(1)
     url = f"http://127.0.0.1:{port}"
-    if setup.device == "cuda":
-        # mem_fraction_static: SGLang takes this share of the GPU's memory up front; the actor shares the GPU
-        command = srv.sglang_command(str(model_dir), port=port, mem_fraction_static=args.server_mem_fraction,
-                                     random_seed=0, extra_args=args.server_arg, python=args.sglang_python)
-    else:
-        command = srv.local_server_command(str(model_dir), port=port, random_seed=0, threads=1,
-                                           extra_args=args.server_arg)
+    command = server_command(args, setup, model_dir, port)
     [server] = srv.launch_servers([(command, url)], work / "server_logs")
     engine = SGLangEngine([url], servers=[server], transport=DiskTransport(work / "weight_sync"))
     stack.callback(engine.close)

@@ -121,3 +121,23 @@ def test_gpu_mode_with_sglang(tmp_path):
     lines = _lines(done.stdout)
     assert list(lines) == CHECKS and all(v.startswith("ok") for v in lines.values()), done.stdout
     assert _gap(lines["logprobs"]) <= gpu_smoke.TOLERANCE["bf16"]
+
+
+@pytest.mark.slow
+def test_gpu_server_command_is_one_sglang_accepts(tmp_path):
+    """The GPU mode's server command, parsed by SGLang 0.5.23's own launch_server parser (in a child
+    process: importing sglang patches transformers): the trainer's flags plus bf16 and a GPU share."""
+    import json
+
+    setup = gpu_smoke.Setup("cuda", "bf16", "te", "hybrid", "delayed")
+    args = gpu_smoke.parse_args(["--device", "cuda", "--sglang-python", "/venvs/sglang/bin/python"])
+    command = gpu_smoke.server_command(args, setup, tmp_path / "model", 31234)
+    assert command[:3] == ["/venvs/sglang/bin/python", "-m", "sglang.launch_server"]
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "sglang_schema.py")], input=json.dumps(
+        {"server_argv": command[3:]}), capture_output=True, text=True, timeout=600, check=False)
+    report = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("REPORT "))[7:])
+    assert report["server_args"] == {
+        "model_path": str(tmp_path / "model"), "host": "127.0.0.1", "port": 31234, "tp_size": 1, "dp_size": 1,
+        "mem_fraction_static": 0.3, "random_seed": 0, "dtype": "bfloat16", "load_format": "auto",
+        "enable_deterministic_inference": True,
+    }
