@@ -9,10 +9,17 @@
 # Everything is installed at build time; a running container needs no network (HF_HUB_OFFLINE=1: models
 # come from a mount, cluster.models_dir).
 
-# megatron-core 0.19 needs Python >= 3.12: NGC PyTorch 25.01 and later (Ubuntu 24.04) ship it. For a
-# reproducible build, pin the tag's digest: --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3@sha256:...
-# (`docker buildx imagetools inspect nvcr.io/nvidia/pytorch:25.10-py3` prints it).
-ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3
+# megatron-core 0.19 needs Python >= 3.12: NGC PyTorch 25.01 and later (Ubuntu 24.04) ship it.
+# The base is pinned by digest (a tag can be re-pushed; a digest names one image). nvcr.io was not
+# reachable where this was written, so the digest comes from public sources, found 2026-11-30 by code
+# search: four files in three unrelated projects pin nvcr.io/nvidia/pytorch:25.10-py3 to this same
+# digest (among them cmooreio/comfyui-thor's Dockerfile, and a DGX Spark environment note that records
+# checking it against the pulled tag), none to another. Those sources ran it on arm64 (DGX Spark,
+# Jetson Thor); as a pulled tag's repo digest it names the tag's multi-platform index, which serves
+# x86-64 too. Not verified from here: `docker buildx imagetools inspect nvcr.io/nvidia/pytorch:25.10-py3`
+# prints the index digest; another base: --build-arg BASE_IMAGE=<image>@sha256:<digest>. The build
+# writes the base it used to /opt/megatron-nft/base-image.txt, beside versions.txt (pip freeze).
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3@sha256:42263b2424fc237b34c4fc4a91c30d603c57eed36e37d31ff6d9a4f1f801edee
 FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
 # The trainer's versions are in docker/requirements.lock (tests/test_docker.py checks them against
@@ -41,7 +48,8 @@ COPY docker/requirements.lock docker/lock_filter.py /opt/megatron-nft/docker/
 RUN python /opt/megatron-nft/docker/lock_filter.py /opt/megatron-nft/docker/requirements.lock \
       /opt/base-image-constraints.txt > /tmp/trainer-requirements.txt \
  && pip install -r /tmp/trainer-requirements.txt \
- && pip list --format=freeze > /opt/megatron-nft/versions.txt
+ && pip list --format=freeze > /opt/megatron-nft/versions.txt \
+ && echo "${BASE_IMAGE}" > /opt/megatron-nft/base-image.txt
 COPY megatron_nft /opt/megatron-nft/megatron_nft
 COPY checkpoints_tools /opt/megatron-nft/checkpoints_tools
 COPY launch /opt/megatron-nft/launch

@@ -86,6 +86,16 @@ def test_dockerfile_installs_through_the_lock_and_runs_the_smoke_test():
     subprocess.run(["bash", "-n", str(REPO / "docker" / "smoke.sh")], check=True)
 
 
+def test_base_image_is_pinned_by_digest_and_recorded():
+    """The default base names one image (tag + sha256 digest, the tag kept for readers), the comment
+    above it says where the digest came from, and the build records the base it ran on."""
+    default = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE, flags=re.MULTILINE).group(1)
+    assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3@sha256:[0-9a-f]{64}", default), default
+    comment = DOCKERFILE[: DOCKERFILE.index("ARG BASE_IMAGE=")].rsplit("\n\n", 1)[-1]
+    assert "public sources" in comment and "imagetools inspect" in comment
+    assert 'echo "${BASE_IMAGE}" > /opt/megatron-nft/base-image.txt' in DOCKERFILE
+
+
 def _sglang_install_command(pip: str) -> str:
     """The Dockerfile's SGLang install line as a shell command, with its SGLANG_PIP definition, the
     venv's pip at `pip`, and `install --dry-run --report` (resolution only, nothing installed)."""
