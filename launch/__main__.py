@@ -21,10 +21,18 @@ from megatron_nft.errors import ConfigError, UserError
 REPO = Path(__file__).resolve().parent.parent
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the flag (the usage block would bury it) and exit
+    status 2, as megatron-nft's own CLI answers bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from launch.recipes import RECIPES
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m launch",
         description="Launch megatron-nft with NeMo-Run: locally under torchrun, or on Slurm in the container, "
         "with SGLang rollout nodes for the paper's runs.",

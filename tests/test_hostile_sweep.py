@@ -316,8 +316,7 @@ def test_launch(inputs, tmp_path, capsys, stubs):
     from launch import __main__ as launch_main
 
     outs = tmp_path / "outs"
-    # launch keeps argparse's usage block above its error line (not this test's files to change)
-    sweep = Sweep(inputs, outs, capsys, one_line=False)
+    sweep = Sweep(inputs, outs, capsys)  # a refusal is one line, as the CLI's
     base = ["local/demo", "--dryrun"]
     for flag, values in flag_cases(launch_main._parser(), inputs, outs):
         sweep.run("launch", launch_main.main, [*base, flag, *values])
@@ -332,8 +331,9 @@ def test_launch(inputs, tmp_path, capsys, stubs):
     [
         [sys.executable, "-m", "megatron_nft.cli", "config", "algo.eps=[0.5"],
         [sys.executable, "-m", "checkpoints_tools.hf_to_megatron", "--hf", "/nonexistent/hf", "--out", "/nonexistent/out"],
+        [sys.executable, "-m", "launch", "local/demo", "--dryrun", "--cluster"],
     ],
-    ids=["cli", "hf_to_megatron"],
+    ids=["cli", "hf_to_megatron", "launch"],
 )
 def test_subprocess_refusal_is_one_line(argv, tmp_path):
     """The real interpreter exit: status 2, one line on stderr, no traceback."""
