@@ -28,10 +28,11 @@ SGLang 0.5.23's weight-update rules, as its scheduler and tokenizer manager appl
   POST /update_weights_from_tensor        one ForkingPickler payload per tensor-parallel rank (CPU
                                    shared memory, or CUDA IPC with device UUIDs on a GPU machine),
                                    each rank unpickling only its own, through an allow-list
-The last two answer 400 with success false outside a session (the broadcast is then not joined,
-as in SGLang); the last three fail with HTTP 500 on a server started with --dp-size > 1 (SGLang
-asserts dp_size == 1 there). --tp-size N makes the tensor route expect N payloads; the broadcast
-route joins one rank per server (--tp-size 1 only). Per-request sampling_seed is honoured only with
+The tensor and distributed routes answer 400 with success false outside a session (the broadcast is
+then not joined, as in SGLang); those two and the group routes fail with HTTP 500 on a server started
+with --dp-size > 1 (SGLang asserts dp_size == 1 there): ROUTE_RULES, applied to every route by one
+guard. --tp-size N makes the tensor route expect N payloads; the broadcast route joins one rank per
+server (--tp-size 1 only). Per-request sampling_seed is honoured only with
 --enable-deterministic-inference, as in SGLang; without it a request samples from the server's own
 generator.
 
@@ -175,6 +176,18 @@ def _refused(message: str, status: int = 400):
     return web.json_response({"success": False, "message": message}, status=status)
 
 
+# SGLang 0.5.23's preconditions of the weight-update routes, checked before the route runs: an
+# `assert dp_size == 1` in its tokenizer manager (a plain 500 there) and an open weight-update session
+# in its scheduler (400, success false, "<route> must run between ...").
+SINGLE_REPLICA, IN_SESSION = "single replica", "in session"
+ROUTE_RULES = {
+    "/init_weights_update_group": (SINGLE_REPLICA,),
+    "/destroy_weights_update_group": (SINGLE_REPLICA,),
+    "/update_weights_from_distributed": (SINGLE_REPLICA, IN_SESSION),
+    "/update_weights_from_tensor": (SINGLE_REPLICA, IN_SESSION),
+}
+
+
 class LocalServer:
     """The application state: one LocalEngine, a queue of /generate jobs and a pause switch."""
 
@@ -306,6 +319,15 @@ class LocalServer:
 
     # -- weight-update sessions and the tensor / broadcast routes (SGLang's rules: module docstring) --
 
+    def refusal(self, path: str):
+        """What the route at `path` answers instead of running (ROUTE_RULES), or None."""
+        rules = ROUTE_RULES.get(path, ())
+        if SINGLE_REPLICA in rules and self.flags.dp_size != 1:
+            return _dp_refusal()
+        if IN_SESSION in rules and self.session is None:
+            return _refused(f"{path.lstrip('/')} must run between begin_weight_update() and end_weight_update()")
+        return None
+
     async def begin_weight_update(self, request):
         from aiohttp import web
 
@@ -330,6 +352,8 @@ class LocalServer:
         return web.json_response({"success": True, "message": "Success"})
 
     def _stage(self, tensors, version) -> None:
+        if self.session is None:  # closed while this request's tensors arrived
+            raise BadRequest("the weight-update session was closed before these tensors arrived")
         for name, tensor in tensors:
             if name in self.session.staged:
                 raise BadRequest(f"tensor {name!r} received twice in one weight-update session")
@@ -340,11 +364,7 @@ class LocalServer:
     async def update_weights_from_tensor(self, request):
         from aiohttp import web
 
-        if self.flags.dp_size != 1:
-            return _dp_refusal()
         body = await request.json()
-        if self.session is None:
-            return _refused("update_weights_from_tensor must run between begin_weight_update() and end_weight_update()")
         payloads = body.get("serialized_named_tensors")
         try:
             if not isinstance(payloads, list) or len(payloads) < self.flags.tp_size:
@@ -365,8 +385,6 @@ class LocalServer:
     async def init_weights_update_group(self, request):
         from aiohttp import web
 
-        if self.flags.dp_size != 1:
-            return _dp_refusal()
         body = await request.json()
         try:
             if self.flags.tp_size != 1:
@@ -391,8 +409,6 @@ class LocalServer:
         import torch.distributed as dist
         from aiohttp import web
 
-        if self.flags.dp_size != 1:
-            return _dp_refusal()
         group = self.groups.pop((await request.json()).get("group_name"), None)
         if group is None:
             return _refused("The group to be destroyed does not exist.")
@@ -402,11 +418,7 @@ class LocalServer:
     async def update_weights_from_distributed(self, request):
         from aiohttp import web
 
-        if self.flags.dp_size != 1:
-            return _dp_refusal()
         body = await request.json()
-        if self.session is None:
-            return _refused("update_weights_from_distributed must run between begin_weight_update() and end_weight_update()")
         try:
             group = self.groups.get(body.get("group_name"))
             if group is None:
@@ -422,7 +434,12 @@ class LocalServer:
     def app(self):
         from aiohttp import web
 
-        app = web.Application(client_max_size=1024**3)
+        @web.middleware
+        async def guard(request, handler):  # ROUTE_RULES, for every route in one place
+            refusal = self.refusal(request.path)
+            return refusal if refusal is not None else await handler(request)
+
+        app = web.Application(client_max_size=1024**3, middlewares=[guard])
         app.router.add_post("/generate", self.generate)
         app.router.add_put("/generate", self.generate)
         for path in ("/health", "/health_generate"):
