@@ -113,7 +113,8 @@ def test_gpu_mode_with_sglang(tmp_path):
     """The real thing: SGLang (SGLANG_PYTHON, default the image's /opt/sglang/bin/python), TE layers
     (+FP8 from compute capability 8.9), bf16 tolerance."""
     sglang_python = os.environ.get("SGLANG_PYTHON", gpu_smoke.SGLANG_PYTHON)
-    if subprocess.run([sglang_python, "-c", "import sglang"], capture_output=True, check=False).returncode != 0:
+    if not Path(sglang_python).is_file() or subprocess.run(
+            [sglang_python, "-c", "import sglang"], capture_output=True, check=False).returncode != 0:
         pytest.skip(f"{sglang_python} cannot import sglang")
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda", "--work", str(tmp_path / "work"),
                            "--sglang-python", sglang_python], capture_output=True, text=True, timeout=1200, check=False)
