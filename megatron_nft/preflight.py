@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from megatron_nft.config import TrainConfig
+from megatron_nft.config import ModelConfig, TrainConfig
 from megatron_nft.errors import CheckpointError, ConfigError, DataError
 
 # What AutoTokenizer needs to build the checkpoint's tokenizer; without any of these transformers
@@ -72,6 +72,28 @@ def check_context(max_new_tokens: int, context: int, setting: str, where: str) -
         )
 
 
+# model.* keys that shape the random model built without model.hf_path; with it, config.json does.
+# Not model.vocab_size: it is the size the demo's tokenizer is trained towards, which the trained one
+# may not reach (371 of 384 for recipes/demo.yaml), so a demo's own base would contradict its config.
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+              "max_position_embeddings", "tie_word_embeddings")
+
+
+def check_shape_keys(model, shape) -> None:
+    """With model.hf_path the checkpoint's config.json is the model's shape and the model.* shape keys
+    are not used: a key stated (set away from its default, by a recipe or an override) that the
+    checkpoint contradicts would be silently ignored, so it is refused. A key equal to the checkpoint's
+    value is accepted: a demo's saved config.yaml states its shape and trains on from its own base."""
+    defaults = ModelConfig()
+    for key in SHAPE_KEYS:
+        stated, actual = getattr(model, key), getattr(shape, key)
+        if stated != getattr(defaults, key) and stated != actual:
+            raise ConfigError(
+                f"model.{key}={stated}: not used with model.hf_path, whose {model.hf_path}/config.json gives "
+                f"{key} {actual}; drop model.{key} (the checkpoint's shape is the model's) or give {actual}"
+            )
+
+
 def check_train(cfg: TrainConfig, *, demo: bool = False) -> None:
     """Everything `megatron-nft train` (or `demo`) can know to be wrong before prepare_run_dir."""
     check_world(cfg)
@@ -89,6 +111,7 @@ def check_train(cfg: TrainConfig, *, demo: bool = False) -> None:
         if cfg.model.hf_path is None:
             raise ConfigError("train needs model.hf_path (a Hugging Face Qwen2 checkpoint directory)")
         _, shape, _ = check_hf_model(cfg.model.hf_path, "model.hf_path")
+        check_shape_keys(cfg.model, shape)
         check_context(cfg.rollout.max_new_tokens, shape.max_position_embeddings, "rollout.max_new_tokens=",
                       f"{cfg.model.hf_path}/config.json max_position_embeddings")
         shape.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
