@@ -13,8 +13,10 @@ prompts from one shared queue, so faster servers take more. Failures:
     result is recorded once, when its first complete answer arrives, so a re-sent prompt is never
     counted twice; with every server dropped, generate raises.
   - a dropped server whose /health answers again (restarted in place) rejoins at the next weight
-    sync, which gives it the current weights first (never mid-rollout: it would serve stale ones).
-    Not with the NCCL transport, whose process group was built for a fixed set of servers.
+    sync, which gives it the current weights first (never mid-rollout: it would serve stale ones);
+    a live server that no longer answers /health at a weight sync (it died between rollouts) is
+    dropped there instead of failing the sync. Neither with the NCCL transport, whose process group
+    was built for a fixed set of servers.
   - HTTP 4xx (a request the server will never accept) and malformed answers raise at once.
 
 Every Completion carries the weight version the server reported for it.
@@ -137,7 +139,7 @@ class SGLangEngine(RolloutEngine):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         if self.transport is None:
             raise RuntimeError("SGLangEngine.update_weights: no weight transport configured")
-        back = self._recovered() if self.transport.name != "nccl" else []
+        back = self._regroup() if self.transport.name != "nccl" else []
         self.last_sync = sync_weights(self.live_urls + back, named_tensors, version, self.transport,
                                       bucket_bytes=self.bucket_bytes)
         for url in back:  # they hold the current weights now
@@ -155,7 +157,7 @@ class SGLangEngine(RolloutEngine):
     def load_stages(self, plan, results) -> SyncReport:
         """After every stage has sent its part of `plan`: the servers (with those that rejoin) load
         the version, paused meanwhile, as in update_weights."""
-        back = self._recovered() if self.transport.name != "nccl" else []
+        back = self._regroup() if self.transport.name != "nccl" else []
         urls = self.live_urls + back
         update_servers(urls, self.transport, lambda: self.transport.commit_stages(urls, plan, results))
         self.last_sync = stage_report(plan, results)
@@ -165,10 +167,17 @@ class SGLangEngine(RolloutEngine):
         self._version = plan.version
         return self.last_sync
 
-    def _recovered(self) -> list[str]:
-        """Dropped servers that answer /health again."""
-        dropped = [u for u in self.urls if not self._alive[u]]
-        return [u for u in dropped if _answers_health(u)] if dropped else []
+    def _regroup(self) -> list[str]:
+        """Before a weight sync: drops the live servers that no longer answer /health (one that died,
+        or was given up, since the last rollout would fail the whole sync) and returns the dropped
+        ones that answer again (restarted in place), which this sync takes back."""
+        healthy = _answer_health(self.urls)
+        for url in self.live_urls:
+            if not healthy[url]:
+                self._alive[url] = False
+        if not self.live_urls and not any(healthy.values()):
+            raise RuntimeError("SGLangEngine: no rollout server answers /health; every one has been dropped")
+        return [u for u in self.urls if not self._alive[u] and healthy[u]]
 
     def close(self) -> None:
         if self.transport is not None:
@@ -301,15 +310,19 @@ class SGLangEngine(RolloutEngine):
             raise _Retriable(str(e)) from None
 
 
-def _answers_health(url: str, timeout_s: float = 5.0) -> bool:
+def _answer_health(urls: list[str], timeout_s: float = 5.0) -> dict[str, bool]:
+    """Whether each server answers GET /health with 200, all asked at once."""
     import aiohttp
 
-    async def probe():
-        async with aiohttp.ClientSession() as session:
+    async def probe(session, url):
+        try:
             status, _ = await request_json(session, "GET", url + "/health", timeout_s=timeout_s)
             return status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
 
-    try:
-        return asyncio.run(probe())
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-        return False
+    async def probe_all():
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(*(probe(session, u) for u in urls))
+
+    return dict(zip(urls, asyncio.run(probe_all())))
