@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import hf_token_logprobs, random_qwen2
 
 REPO = Path(__file__).resolve().parent.parent
