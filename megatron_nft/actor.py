@@ -26,6 +26,7 @@ frees its model (see megatron_workarounds.release_ddp).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Callable, Iterator
@@ -180,6 +181,31 @@ class Actor:
         callers never drain anything, and rank 0 reads the stream to its end (ModelBundle.hf_tensors).
         Tensors are copies on `device`, by default the actor's own."""
         return self.bundle.hf_tensors(device)
+
+    @torch.no_grad()
+    def weights_snapshot(self) -> list[torch.Tensor]:
+        """A copy of this rank's model weights (its TP/PP shard, as the forward uses them), for log-probs
+        under this version after the weights have moved on (`weights_swapped`). Costs one model copy."""
+        return [p.detach().clone() for p in self.model.parameters()]
+
+    @contextlib.contextmanager
+    def weights_swapped(self, snapshot: list[torch.Tensor]):
+        """Inside the block the model runs with `snapshot`'s weights; its own come back bit for bit after
+        (the optimizer's fp32 main copies are never touched, so the next step is as if nothing happened).
+        Exchanged in place, one parameter's temporary at a time: no second model copy."""
+
+        @torch.no_grad()
+        def exchange():
+            for param, saved in zip(self.model.parameters(), snapshot, strict=True):
+                current = param.detach().clone()
+                param.detach().copy_(saved)
+                saved.copy_(current)
+
+        exchange()
+        try:
+            yield
+        finally:
+            exchange()
 
     # ------------------------------------------------------------------------------------------------
     # forward / backward

@@ -80,8 +80,9 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
 
 
-def save(run_dir: Path, actor, step: int, trainer_state: dict) -> Path:
-    """Every rank calls this; returns the checkpoint directory."""
+def save(run_dir: Path, actor, step: int, trainer_state: dict, main_rank_files: dict[str, bytes] | None = None) -> Path:
+    """Every rank calls this; returns the checkpoint directory. `main_rank_files` (name -> bytes, rank 0's)
+    are written beside the trainer state and checksummed with the rest."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if is_main_rank():
@@ -93,6 +94,8 @@ def save(run_dir: Path, actor, step: int, trainer_state: dict) -> Path:
     (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(_rng_state()))
     if is_main_rank():
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state))
+        for name, data in (main_rank_files or {}).items():
+            (tmp / name).write_bytes(data)
     barrier()
     names = broadcast_object(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if is_main_rank() else None)
     sums = {}
@@ -246,13 +249,14 @@ class Checkpointer:
     def __init__(self, run_cfg, run_dir: Path, actor, cursor, *, clock=time.monotonic):
         self.run_cfg, self.run_dir, self.actor, self.cursor = run_cfg, Path(run_dir), actor, cursor
         self.timed = TimedSaves(run_cfg.save_every_minutes, clock=clock)
+        self.restored_from: Path | None = None  # the checkpoint a resumed run started from
 
     def restore(self, load_initial_weights) -> int:
         """The step to start from: the resumed checkpoint's, or 0 after `load_initial_weights()`."""
         if not self.run_cfg.resume:
             load_initial_weights()
             return 0
-        _, state = load_latest(self.run_dir, self.actor)
+        self.restored_from, state = load_latest(self.run_dir, self.actor)
         self.cursor.load_state_dict(state["cursor"])
         return state["step"]
 
@@ -262,7 +266,7 @@ class Checkpointer:
         timed = self.timed.due()
         return bool((every and step % every == 0) or last or stopping or timed)
 
-    def save(self, step: int) -> Path:
-        path = save(self.run_dir, self.actor, step, {"step": step, "cursor": self.cursor.state_dict()})
+    def save(self, step: int, main_rank_files: dict[str, bytes] | None = None) -> Path:
+        path = save(self.run_dir, self.actor, step, {"step": step, "cursor": self.cursor.state_dict()}, main_rank_files)
         self.timed.saved()
         return path

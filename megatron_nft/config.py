@@ -25,6 +25,9 @@ DTYPES = ("fp32", "bf16", "fp16")
 # server processes; sglang: SGLang servers (GPU). See megatron_nft.rollout.make_engine.
 ENGINES = ("local", "local_http", "sglang")
 WEIGHT_TRANSPORTS = ("disk", "nccl", "cuda_ipc")
+# sync: generate, then train (the engine idles while the actor trains); async: the next steps' answers
+# are generated while this step trains (megatron_nft/async_rollouts.py)
+ROLLOUT_MODES = ("sync", "async")
 TASKS = ("arithmetic", "jsonl")
 
 
@@ -150,6 +153,10 @@ class AlgoConfig:
 @dataclass
 class RolloutConfig:
     engine: str = choice("local", ENGINES)
+    mode: str = choice("sync", ROLLOUT_MODES)
+    # async: at most this many weight versions between the policy that sampled an answer and the one
+    # that trains on it (0: none, i.e. no overlap: the sync path's numbers through the async machinery)
+    max_staleness: int = 1
     prompts_per_step: int = 512  # N: prompts in one training batch
     samples_per_prompt: int = 16  # K: answers per prompt
     gen_prompts: int = 768  # prompts sampled per generation round (>= prompts_per_step)
@@ -485,6 +492,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
     _require(r.gen_prompts >= r.prompts_per_step, f"rollout.gen_prompts={r.gen_prompts} must be >= rollout.prompts_per_step={r.prompts_per_step}")
     _require(r.max_num_gen_batches >= 1, "rollout.max_num_gen_batches must be >= 1")
+    _require(r.max_staleness >= 0, f"rollout.max_staleness={r.max_staleness}: must be >= 0 (weight versions)")
     _require(r.temperature > 0, f"rollout.temperature={r.temperature}: must be > 0")
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p}: must be in (0, 1]")
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")

@@ -17,18 +17,25 @@ from megatron_nft.errors import ConfigError
 from megatron_nft.metrics import percentile, read_metrics
 
 # (label, metrics key) in the order a step runs them; "other" is what step_s holds besides the named
-# phases (broadcasting the batch, building tensors)
+# phases (broadcasting the batch, building tensors). In async mode (rollout.mode=async) generation and
+# grading run beside the actor: the step holds only the wait for them and the old log-probs of the
+# rollouts generated meanwhile, and the share of generation hidden is a figure.
 PHASES = (
     ("generate", "time/generate_s"),
     ("grade", "time/grade_s"),
+    ("waiting for rollouts", "time/rollout_wait_s"),
     ("old log-probs", "time/old_logprobs_s"),
     ("train", "time/train_s"),
+    ("old log-probs (ahead)", "time/old_logprobs_ahead_s"),
     ("weight sync", "time/sync_s"),
     ("other", None),
     ("eval", "time/eval_s"),
     ("checkpoint", "time/checkpoint_s"),
 )
 NAMED_IN_STEP = ("time/generate_s", "time/grade_s", "time/old_logprobs_s", "time/train_s", "time/sync_s")
+BESIDE_ASYNC_STEP = ("time/generate_s", "time/grade_s")
+NAMED_IN_ASYNC_STEP = ("time/rollout_wait_s", "time/old_logprobs_s", "time/train_s", "time/old_logprobs_ahead_s",
+                       "time/sync_s")
 # (label, key, how over steps, format)
 FIGURES = (
     ("generated tokens/s", "perf/gen_tokens_per_s", "mean", "{:,.0f}"),
@@ -42,13 +49,15 @@ FIGURES = (
     ("response length p90", "perf/response_len_p90", "mean", "{:.0f}"),
     ("response length max", "perf/response_len_max", "max", "{:.0f}"),
     ("slowest request s", "time/slowest_request_s", "max", "{:.2f}"),
+    ("rollout overlap (async)", "perf/rollout_overlap", "mean", "{:.0%}"),
 )
 
 
 def other_seconds(row: dict) -> float | None:
     if "time/step_s" not in row:
         return None
-    return max(row["time/step_s"] - sum(row.get(k, 0.0) for k in NAMED_IN_STEP), 0.0)
+    named = NAMED_IN_ASYNC_STEP if "time/rollout_wait_s" in row else NAMED_IN_STEP
+    return max(row["time/step_s"] - sum(row.get(k, 0.0) for k in named), 0.0)
 
 
 def phase_seconds(row: dict, label: str, key: str | None) -> float | None:
@@ -220,7 +229,9 @@ def plot_breakdown(runs: list[Run], out_png: Path) -> Path:
         steps = [r["step"] for r in run.rows]
         bottom = [0.0] * len(steps)
         for label, key in PHASES:
-            ys = [phase_seconds(r, label, key) or 0.0 for r in run.rows]
+            # in async steps generation and grading ran beside the stacked phases: not stacked
+            ys = [0.0 if key in BESIDE_ASYNC_STEP and "time/rollout_wait_s" in r else phase_seconds(r, label, key) or 0.0
+                  for r in run.rows]
             if any(ys):
                 ax.bar(steps, ys, bottom=bottom, label=label)
                 bottom = [b + y for b, y in zip(bottom, ys)]

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from megatron_nft.actor import Actor
+from megatron_nft.async_rollouts import AsyncRollouts, ReadyRollout, load_pending
 from megatron_nft.algorithms import StepStats, average_steps, group_correct_rate, group_reward_std, truncated_is_weights
 from megatron_nft.checkpointing import Checkpointer, load_megatron_weights
 from megatron_nft.collect import Prompt, RolloutCollector, Scorer, StepRollout, step_seed
@@ -79,15 +80,28 @@ def evaluate(engine: RolloutEngine, scorer: Scorer, prompts: list[Prompt], sampl
     return sum(scores) / max(len(scores), 1)
 
 
-def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> tuple[dict, list[bool]]:
-    """Old log-probs, then `num_minibatches` optimizer steps over whole groups. Returns the step's
-    metrics and, per minibatch, whether its loss or gradient was non-finite (its update skipped)."""
+def old_logprobs_of(actor: Actor, batch: dict) -> torch.Tensor:
+    """log π_old [B, S] of a rollout batch under the actor's current weights; the loss mask tells the
+    packed path how much of each row it needs."""
+    return actor.compute_logprobs({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]})[0]
+
+
+def rollout_old_logprobs(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> torch.Tensor:
+    """log π_old of a whole rollout, as train_on_rollout would compute it now (async_rollouts.py)."""
+    return old_logprobs_of(actor, rollout_batch(rollout, cfg.rollout.samples_per_prompt, training_rewards(cfg, rollout)))
+
+
+def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout,
+                     old_logprobs: torch.Tensor | None = None) -> tuple[dict, list[bool]]:
+    """Old log-probs (unless given: computed earlier under the weights that sampled the rollout), then
+    `num_minibatches` optimizer steps over whole groups. Returns the step's metrics and, per minibatch,
+    whether its loss or gradient was non-finite (its update skipped)."""
     k = cfg.rollout.samples_per_prompt
     rewards = training_rewards(cfg, rollout)
     batch = rollout_batch(rollout, k, rewards)
-    # the loss mask tells the packed path how much of each row it needs
     started = time.perf_counter()
-    old_logprobs, _ = actor.compute_logprobs({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]})
+    if old_logprobs is None:
+        old_logprobs = old_logprobs_of(actor, batch)
     old_logprobs_s = time.perf_counter() - started
     batch["old_logprobs"] = old_logprobs
     mask = batch["loss_mask"].bool()
@@ -255,6 +269,7 @@ class Trainer:
     exits: contextlib.ExitStack
     quiet: bool = False
     peak_tflops: float | None = None  # this rank's accelerator's dense BF16 peak (MFU); None on CPU
+    rollouts: AsyncRollouts | None = None  # rollout.mode=async: the rollouts ahead of training (every rank)
 
     @classmethod
     def build(cls, cfg: TrainConfig, *, quiet: bool = False) -> "Trainer":
@@ -320,6 +335,11 @@ class Trainer:
                 exits.callback(grader.close)
                 scorer = Scorer(tokenizer, grader)
                 collector = RolloutCollector(cfg, engine, scorer, cursor.next_batch, sampling)
+            rollouts = None
+            if cfg.rollout.mode == "async":
+                pending = load_pending(checkpointer.restored_from) if main else {}
+                rollouts = AsyncRollouts(collector, max_staleness=cfg.rollout.max_staleness, last_step=cfg.run.steps - 1,
+                                         start_step=start_step, ready=pending, ready_count=broadcast_object(len(pending)))
             logger = MetricsLogger(run_dir, enabled=main, wandb_project=cfg.run.wandb_project, append=start_step > 0)
             exits.callback(logger.close)
             stop = StopRequested().install()
@@ -335,7 +355,7 @@ class Trainer:
                        evaluator=Evaluator(cfg, engine, scorer, eval_prompts, eval_sampling), checkpointer=checkpointer,
                        logger=logger, stop=stop, guard=DivergenceGuard(cfg.run.max_nonfinite_updates, run_dir),
                        start_step=start_step, export=export, exits=exits, quiet=quiet,
-                       peak_tflops=device_peak_tflops())
+                       peak_tflops=device_peak_tflops(), rollouts=rollouts)
         except BaseException:
             exits.close()
             raise
@@ -345,6 +365,8 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         """Step `step` (0-based) of README's algorithm; returns its metrics."""
+        if self.rollouts is not None:
+            return self.step_overlapped(step)
         from megatron_nft.metrics import reset_peak_memory
 
         t0 = time.perf_counter()
@@ -371,6 +393,55 @@ class Trainer:
         metrics["time/rollout_s"] = t_rollout
         metrics["time/step_s"] = time.perf_counter() - t0
         metrics |= self.performance(rollout, metrics, collect_s)
+        return metrics
+
+    def step_overlapped(self, step: int) -> dict:
+        """Step `step` with rollout.mode=async: the coming steps' answers are generated while this one
+        trains (the order and the weight versions: async_rollouts.py)."""
+        from megatron_nft.metrics import reset_peak_memory
+
+        t0 = time.perf_counter()
+        reset_peak_memory()
+        if hasattr(self.engine, "take_request_seconds"):
+            self.engine.take_request_seconds()
+        launched = self.rollouts.launch(step, version=step)  # the engine holds version `step`
+        ready: ReadyRollout = broadcast_object(self.rollouts.take(step) if self.collector is not None else None)
+        rollout = ready.rollout
+        t_rollout = time.perf_counter() - t0
+        metrics = dict(rollout.metrics)
+        metrics["rollout/staleness"] = step - ready.version
+        if rollout.prompts and ready.old_logprobs is None and ready.version != step:
+            raise RuntimeError(f"step {step + 1}: a rollout of weight version {ready.version} without its old log-probs")
+        # the weights that sample what is generating now, kept for those rollouts' old log-probs
+        snapshot = self.actor.weights_snapshot() if any(s > step for s in launched) else None
+        if rollout.prompts:
+            step_metrics, nonfinite = train_on_rollout(self.actor, self.cfg, rollout, old_logprobs=ready.old_logprobs)
+            metrics.update(step_metrics)
+            self.guard.check(step + 1, nonfinite, rollout, before_raising=lambda: self.logger.log(step + 1, metrics))
+        else:
+            metrics["actor/skipped_step_no_mixed_groups"] = 1
+        finished: list[ReadyRollout] = broadcast_object(self.rollouts.finish() if self.collector is not None else None)
+        if finished:
+            started = time.perf_counter()
+            with self.actor.weights_swapped(snapshot):
+                for ahead in finished:
+                    if ahead.rollout.prompts:
+                        ahead.old_logprobs = rollout_old_logprobs(self.actor, self.cfg, ahead.rollout)
+            metrics["time/old_logprobs_ahead_s"] = time.perf_counter() - started
+            if self.collector is not None:
+                self.rollouts.keep(finished)
+        del snapshot
+        metrics["time/sync_s"] = sync_weights(self.actor, self.engine, version=step + 1)
+        metrics["time/rollout_s"] = t_rollout
+        metrics["time/step_s"] = time.perf_counter() - t0
+        if self.collector is not None:
+            # the collection (generation + grading) seconds that ran during this step, and the share of
+            # them the actor did not wait for
+            collecting = sum(r.collect_s for r in finished) + (ready.collect_s if ready.step in launched else 0.0)
+            metrics["time/rollout_wait_s"] = self.rollouts.waited_s
+            if collecting > 0:
+                metrics["perf/rollout_overlap"] = min(max(1.0 - self.rollouts.waited_s / collecting, 0.0), 1.0)
+        metrics |= self.performance(rollout, metrics, ready.collect_s if self.collector is not None else None)
         return metrics
 
     def performance(self, rollout: StepRollout, metrics: dict, collect_s: float | None) -> dict:
@@ -440,7 +511,7 @@ class Trainer:
             checkpoint_s = 0.0
             if self.checkpointer.due(done, last=last, stopping=stopping):
                 started = time.perf_counter()
-                self.checkpointer.save(done)
+                self.checkpointer.save(done, self.rollouts.checkpoint_files() if self.rollouts and main else None)
                 checkpoint_s = time.perf_counter() - started
             final = {**final, **metrics}
             if stopping and not last:

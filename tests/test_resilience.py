@@ -40,10 +40,19 @@ def demo(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 900, returncode: int = 0) -> str:
+def finish(proc: subprocess.Popen, timeout: float = 900, returncode: int = 0, context: str = "") -> str:
     _, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == returncode, err[-3000:]
+    assert proc.returncode == returncode, context + err[-3000:]
     return err
+
+
+def signal_dispositions(pid: int) -> str:
+    """Which signals the process catches and ignores, per the kernel (for a failure's message)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return ""
+    return " ".join(line for line in status if line.startswith(("SigCgt", "SigIgn", "SigBlk"))) + "\n"
 
 
 def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 900) -> None:
@@ -64,23 +73,30 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows}
 
 
+MODES = {"sync": [], "async": ["rollout.mode=async", "rollout.max_staleness=1"]}
+
+
 @pytest.mark.slow
-def test_interrupted_runs_resume_to_the_same_metrics(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_interrupted_runs_resume_to_the_same_metrics(tmp_path, mode):
+    """In async mode a checkpoint holds the answers already generated for the coming steps (and their
+    old log-probs): a resumed run trains on exactly what the uninterrupted one does."""
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    reference = demo(reference_dir)
-    proc = demo(run_dir)  # both at once: two processes for two cores
+    reference = demo(reference_dir, *MODES[mode])
+    proc = demo(run_dir, *MODES[mode])  # both at once: two processes for two cores
 
     # 1. SIGTERM after checkpoint 1: the run finishes the step it is in, checkpoints it and exits cleanly
     wait_for_checkpoint(run_dir, 1, proc)
+    handlers = signal_dispositions(proc.pid)
     proc.send_signal(signal.SIGTERM)
-    err = finish(proc, returncode=EXIT_STOPPED)  # stopped, not finished: a distinct status
+    err = finish(proc, returncode=EXIT_STOPPED, context=handlers)  # stopped, not finished: a distinct status
     assert "SIGTERM" in err and "run.resume=true" in err
     stopped = max(int(p.name.split("_")[1]) for p in checkpointing.checkpoint_dirs(run_dir))
     assert stopped < STEPS
 
     # 2. resume, then SIGKILL at a random later step: whatever it did after its last checkpoint is lost
     kill_after = random.Random(os.getpid()).randint(stopped + 1, STEPS - 1)
-    proc = demo(run_dir, "run.resume=true")
+    proc = demo(run_dir, "run.resume=true", *MODES[mode])
     wait_for_checkpoint(run_dir, kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -88,7 +104,7 @@ def test_interrupted_runs_resume_to_the_same_metrics(tmp_path):
     (run_dir / "checkpoints" / f"step_{STEPS + 1:06d}.tmp" / "actor").mkdir(parents=True)
 
     # 3. resume to the end
-    finish(demo(run_dir, "run.resume=true"))
+    finish(demo(run_dir, "run.resume=true", *MODES[mode]))
     finish(reference)
     expected = metrics(reference_dir)
     assert sorted(expected) == list(range(STEPS + 1))
@@ -96,13 +112,16 @@ def test_interrupted_runs_resume_to_the_same_metrics(tmp_path):
     assert sorted(got) == sorted(expected)
     for step in expected:
         assert got[step] == expected[step], f"step {step} (SIGTERM after {stopped}, SIGKILL after {kill_after})"
+    if mode == "async":
+        assert [expected[s]["rollout/staleness"] for s in range(1, STEPS + 1)] == [0] + [1] * (STEPS - 1)
+        assert (checkpointing.checkpoint_dirs(run_dir)[-2] / "pending_rollouts.json").is_file()
 
     # 4. a corrupt newest checkpoint: resume falls back to the one before and recomputes the last step
     latest = checkpointing.checkpoint_dirs(run_dir)[-1]
     shard = max((p for p in (latest / "actor").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     assert "bytes" in checkpointing.problem(latest)
-    err = finish(demo(run_dir, "run.resume=true"))
+    err = finish(demo(run_dir, "run.resume=true", *MODES[mode]))
     assert f"skipping checkpoint {latest}" in err
     assert metrics(run_dir)[STEPS] == expected[STEPS]
 
