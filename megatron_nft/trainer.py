@@ -138,15 +138,16 @@ def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout,
 
 
 def sync_weights(actor: Actor, engine: RolloutEngine | None, version: int) -> float:
-    """Actor -> rollout engine through the HF mapping; every rank takes part. Servers that load
-    from disk take each pipeline stage's tensors from that stage's own source rank, all stages at
-    once; the in-process engine takes one stream gathered on rank 0."""
+    """Actor -> rollout engine through the HF mapping; every rank takes part. SGLang servers take
+    each pipeline stage's tensors from that stage's own source rank (disk, CUDA IPC: all stages at
+    once; NCCL: stage after stage, each over its own group); the in-process engine takes one stream
+    gathered on rank 0."""
     from megatron_nft.rollout.weight_sync import sync_from_stages
 
     start = time.perf_counter()
     bundle = actor.bundle
     if sync_from_stages(engine, bundle.stage_tensors, stage=bundle.pp_rank, source=bundle.stage_source,
-                        version=version) is None:
+                        version=version, num_stages=bundle.pp) is None:
         tensors = actor.hf_tensors()  # the other ranks' part of the gather is done within this call
         if engine is not None:
             engine.update_weights(tensors, version)

@@ -34,6 +34,12 @@ def make_engine(cfg, *, hf_config, model_path: str | None, run_dir: str | Path, 
     from megatron_nft.rollout.sglang_client import SGLangEngine
 
     run_dir = Path(run_dir)
+    if cfg.weight_transport == "nccl" and cfg.sglang_python:
+        # before any server starts: NCCL refuses peers of another version, which the first sync
+        # would otherwise find out after the servers have loaded
+        from megatron_nft.rollout.nccl_version import check_nccl_alignment
+
+        check_nccl_alignment(cfg.sglang_python)
     transport = _make_transport(cfg, run_dir)
     launched: list = []
     urls = list(cfg.urls)

@@ -35,7 +35,8 @@ from megatron_nft.rollout import protocol
 from megatron_nft.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_nft.rollout.control import request_json, wait_healthy
 from megatron_nft.rollout.weight_sync import (
-    DEFAULT_BUCKET_BYTES, SyncReport, WeightTransport, stage_report, sync_weights, update_servers,
+    DEFAULT_BUCKET_BYTES, SyncReport, WeightTransport, finish_update, open_update, stage_report, sync_weights,
+    update_servers,
 )
 
 
@@ -103,6 +104,7 @@ class SGLangEngine(RolloutEngine):
         self.last_stats = GenerateStats()
         self.last_sync: SyncReport | None = None
         self.rejoined: list[str] = []  # servers taken back at the last weight sync
+        self._back: list[str] = []  # servers a per-stage sync under way takes back (stage_plan)
         self._request_seconds: list[float] = []  # per answered request, since take_request_seconds
 
     # ------------------------------------------------------------------------------------------------
@@ -147,19 +149,33 @@ class SGLangEngine(RolloutEngine):
         self.rejoined = back
         self._version = version
 
-    def stage_plan(self, version: int):
+    def stage_plan(self, version: int, num_stages: int = 1):
         """The plan of a sync in which every pipeline stage sends its own tensors
-        (weight_sync.sync_from_stages), or None when the transport takes one stream from rank 0."""
+        (weight_sync.sync_from_stages), or None when the transport takes one stream from rank 0.
+        The servers it names (with those that rejoin) are fixed here; a transport whose stages post
+        to them directly finds them paused and in a weight-update session when this returns."""
         if self.transport is None:
             raise RuntimeError("SGLangEngine.stage_plan: no weight transport configured")
-        return self.transport.stage_plan(version, self.bucket_bytes)
+        self._back = self._regroup() if self.transport.name != "nccl" else []
+        urls = self.live_urls + self._back
+        if self.transport.needs_session:
+            open_update(urls, self.transport)
+        try:
+            return self.transport.stage_plan(version, self.bucket_bytes, urls=urls, num_stages=num_stages)
+        except BaseException:
+            if self.transport.needs_session:
+                finish_update(urls, self.transport, lambda: None)
+            raise
 
     def load_stages(self, plan, results) -> SyncReport:
-        """After every stage has sent its part of `plan`: the servers (with those that rejoin) load
-        the version, paused meanwhile, as in update_weights."""
-        back = self._regroup() if self.transport.name != "nccl" else []
-        urls = self.live_urls + back
-        update_servers(urls, self.transport, lambda: self.transport.commit_stages(urls, plan, results))
+        """After every stage has sent its part of `plan`: the servers load the version (paused
+        meanwhile, as in update_weights) and continue."""
+        urls, back = list(plan.urls), self._back
+        commit = lambda: self.transport.commit_stages(urls, plan, results)  # noqa: E731
+        if self.transport.needs_session:
+            finish_update(urls, self.transport, commit)  # opened by stage_plan
+        else:
+            update_servers(urls, self.transport, commit)
         self.last_sync = stage_report(plan, results)
         for url in back:
             self._alive[url] = True

@@ -26,11 +26,17 @@ joins, which would leave the sender waiting) and only from servers with --dp-siz
 dp_size == 1: HTTP 500). sync_weights therefore checks each server's /server_info first (dp_size 1,
 tp_size = the ranks the transport feeds) and opens and closes the session around the buckets.
 
-Per pipeline stage (`sync_from_stages`, what the trainer uses): with the disk transport each
-stage's source rank (tensor-, data- and context-parallel rank 0 of the stage) writes its own shards
-into the version directory, all stages at once, instead of sending every tensor through global rank
-0; rank 0 writes the index over them and has the servers load the directory. The NCCL and CUDA-IPC
-transports take one stream from rank 0 for now (`send`); the in-process LocalEngine always does.
+Per pipeline stage (`sync_from_stages`, what the trainer uses): each stage's source rank (tensor-,
+data- and context-parallel rank 0 of the stage) sends its own stage's tensors, instead of sending
+every tensor through global rank 0; rank 0 only plans and commits. Disk: every stage writes its own
+shards into the version directory, all at once; rank 0 writes the index over them and has the
+servers load the directory. CUDA IPC: every stage posts its own buckets (payloads of its own GPU,
+named by device UUID), all at once, inside the session rank 0 opened. NCCL: one weight-update group
+per stage, with the stage's source as group rank 0 (SGLang keeps several groups per server, keyed by
+name, and broadcasts from group rank 0 only), the stages taking turns: a server handles one weight
+request at a time, so servers that picked up two stages' buckets in different orders would each wait
+in a broadcast the other has not joined (NCCL's ring needs every peer: a deadlock). The in-process
+LocalEngine takes one stream gathered on rank 0 (`send`, `hf_tensors`).
 
 This module only consumes iterators, so it needs nothing from the actor.
 """
@@ -39,7 +45,6 @@ from __future__ import annotations
 
 import abc
 import base64
-import contextlib
 import functools
 import io
 import json
@@ -48,6 +53,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -119,14 +125,17 @@ class WeightTransport(abc.ABC):
     def send(self, urls: list[str], buckets: Iterator[Bucket], version: int, report: SyncReport) -> None:
         """Ships every bucket (updating `report` as they go) and stamps `version` on the servers."""
 
-    def stage_plan(self, version: int, bucket_bytes: int) -> StagePlan | None:
-        """What each pipeline stage's source rank needs to send its own tensors (`sync_from_stages`);
-        None: this transport takes the whole model from one sender, rank 0 (`send`)."""
+    def stage_plan(self, version: int, bucket_bytes: int, *, urls: list[str], num_stages: int) -> StagePlan | None:
+        """On rank 0, with the servers `urls` paused (and in a session where `needs_session`): what
+        each pipeline stage's source rank needs to send its own tensors (`sync_from_stages`); None:
+        this transport takes the whole model from one sender, rank 0 (`send`)."""
         return None
 
     def commit_stages(self, urls: list[str], plan: StagePlan, results: list[StageResult]) -> None:
-        """On rank 0, once every stage has sent: has the servers load the version, stamped with it."""
-        raise NotImplementedError(f"{self.name} transport: no per-stage sync")
+        """On rank 0, once every stage has sent: has the servers load the version, stamped with it.
+        The transports whose stages post to the servers themselves only check that every stage sent
+        its part, each tensor once (the session's end loads it)."""
+        merged_weight_map(plan, results)
 
     def close(self) -> None:
         """Releases what the transport holds (files, process groups)."""
@@ -156,38 +165,49 @@ def sync_weights(
 def update_servers(urls: list[str], transport: WeightTransport, load: Callable[[], None]) -> None:
     """Runs `load` (the transport's part) with the servers paused, inside a weight-update session
     where the transport needs one, and flushes their caches before they continue."""
+    open_update(urls, transport)
+    finish_update(urls, transport, load)
+
+
+def open_update(urls: list[str], transport: WeightTransport) -> None:
+    """The first half of `update_servers`: checks the servers, pauses them and opens the session
+    (a per-stage sync sends between the two halves, from other ranks)."""
     transport.check_servers(urls)
     post_all(urls, "/pause_generation", protocol.pause_body())
+    if not transport.needs_session:
+        return
     try:
-        if transport.needs_session:
-            with weight_update_session(urls):
-                load()
-        else:
+        post_all(urls, "/begin_weight_update", protocol.begin_update_body())
+    except BaseException:
+        _end_quietly(urls)  # the servers that did open one
+        _continue_quietly(urls)
+        raise
+
+
+def finish_update(urls: list[str], transport: WeightTransport, load: Callable[[], None]) -> None:
+    """The second half: `load`, the session closed (even when `load` failed: a server left with an
+    open session refuses the next one), caches flushed, generation continued."""
+    try:
+        try:
             load()
+            if transport.needs_session:
+                post_all(urls, "/end_weight_update", protocol.end_update_body())
+        except BaseException:
+            if transport.needs_session:
+                _end_quietly(urls)  # a failure to close after a failed update is not raised over it
+            raise
         # A prefix cache built by the old weights would serve stale KV to new requests.
         post_all(urls, "/flush_cache", None)
     finally:
         post_all(urls, "/continue_generation", protocol.continue_body())
 
 
-@contextlib.contextmanager
-def weight_update_session(urls: list[str]):
-    """/begin_weight_update on every server, /end_weight_update on every server afterwards.
-
-    The session is closed even when a bucket failed: a server left with an open session refuses
-    the next /begin_weight_update. A failure to close after a failed update is not raised over it.
-    """
-    try:
-        post_all(urls, "/begin_weight_update", protocol.begin_update_body())
-    except BaseException:
-        _end_quietly(urls)  # the servers that did open one
-        raise
-    try:
-        yield
-    except BaseException:
-        _end_quietly(urls)
-        raise
-    post_all(urls, "/end_weight_update", protocol.end_update_body())
+def _continue_quietly(urls: list[str]) -> None:
+    for url in urls:
+        try:
+            post_all([url], "/continue_generation", protocol.continue_body(), timeout_s=60.0)
+        except Exception:  # noqa: BLE001 - the server is gone
+            pass
 
 
 def _end_quietly(urls: list[str]) -> None:
@@ -241,12 +261,18 @@ def _measured(buckets: Iterator[Bucket], report: SyncReport) -> Iterator[Bucket]
 class StagePlan:
     """What rank 0 tells every stage's source rank before a per-stage sync (it travels over the
     control group). `target`: where the stages send (the disk transport: the temporary version
-    directory, on a file system every stage's source rank and every server sees)."""
+    directory, on a file system every stage's source rank and every server sees). `urls`: the
+    servers, already paused and in a weight-update session for the transports that post themselves.
+    `in_turn`: the stages send one after another (stage order), not all at once. `options`: the
+    transport's own settings (the NCCL groups' rendezvous, the tensor payloads' device)."""
 
     transport: str
     version: int
     bucket_bytes: int
-    target: str
+    target: str = ""
+    urls: tuple[str, ...] = ()
+    in_turn: bool = False
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -285,47 +311,54 @@ def stage_report(plan: StagePlan, results: list[StageResult]) -> SyncReport:
 
 def write_stage(plan: StagePlan, stage: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> StageResult:
     """A stage source's send for the plan's transport (the transport object itself lives on rank 0)."""
-    writers = {DiskTransport.name: DiskTransport.write_stage}
+    writers = {DiskTransport.name: DiskTransport.write_stage, NcclBroadcastTransport.name: NcclBroadcastTransport.send_stage,
+               CudaIpcTransport.name: CudaIpcTransport.send_stage}
     if plan.transport not in writers:
         raise ValueError(f"weight sync: no per-stage sender for transport {plan.transport!r}")
     return writers[plan.transport](plan, stage, named_tensors)
 
 
 def sync_from_stages(engine, stage_tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]], *, stage: int,
-                     source: bool, version: int) -> SyncReport | None:
-    """Weight sync with every pipeline stage sending its own tensors at once; every rank calls it.
+                     source: bool, version: int, num_stages: int = 1) -> SyncReport | None:
+    """Weight sync with every pipeline stage sending its own tensors; every rank calls it.
 
     Rank 0's `engine` (None on the other ranks) decides: an engine whose transport takes per-stage
-    sends (`stage_plan`: SGLang servers through the disk transport) gets them; otherwise (the
-    in-process LocalEngine, which only rank 0 can feed, or a single-sender transport) this returns
-    None on every rank and nothing has happened: the caller syncs through `hf_tensors()`.
+    sends (`stage_plan`: SGLang servers) gets them; otherwise (the in-process LocalEngine, which
+    only rank 0 can feed) this returns None on every rank and nothing has happened: the caller
+    syncs through `hf_tensors()`.
 
     `stage_tensors()` is the bundle's per-stage stream (every rank calls it: the tensor-parallel
-    gathers); `source`: this rank is its stage's sender. The ranks then meet on the control group
-    (every stage's part is written), rank 0 has the servers load the whole version, and its outcome
-    is shared, so that a failure anywhere raises on every rank. Returns the report on every rank.
+    gathers); `source`: this rank is its stage's sender; `num_stages`: the pipeline's size (the
+    NCCL transport's stages send in turn, and every rank takes part in each turn's barrier). The
+    ranks then meet on the control group (every stage's part is sent), rank 0 has the servers load
+    the whole version, and its outcome is shared, so that a failure anywhere raises on every rank.
+    Returns the report on every rank.
     """
     from megatron_nft import runtime
 
     start = time.perf_counter()
     plan_for = getattr(engine, "stage_plan", None)  # engines without it take one stream on rank 0
-    plan = runtime.broadcast_object(plan_for(version) if plan_for is not None else None)
+    plan, failure = None, None
+    if plan_for is not None:
+        try:
+            plan = plan_for(version, num_stages=num_stages)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+            failure, plan = e, f"{type(e).__name__}: {e}"
+    plan = runtime.broadcast_object(plan)
+    if failure is not None:
+        raise failure
+    if isinstance(plan, str):
+        raise RuntimeError(f"weight sync v{version} failed on rank 0: {plan}")
     if plan is None:
         return None
-    stream = stage_tensors()
     result = None
-    if source:
-        try:
-            result = write_stage(plan, stage, stream)
-        except Exception as e:  # noqa: BLE001 - shared with every rank below, raised everywhere
-            for _ in stream:  # the stage's other tensor-parallel ranks wait in the remaining gathers
-                pass
-            result = StageResult(stage, error=f"stage {stage} (rank {_rank()}): {type(e).__name__}: {e}")
-    else:
-        for _ in stream:  # nothing to send here; a lazy stream still owes its collectives
-            pass
-    results = [r for r in runtime.gather_objects(result) if r is not None]  # the barrier: all stages written
-    outcome, failure = None, None
+    for turn in range(num_stages) if plan.in_turn else (stage,):
+        if turn == stage:
+            result = _send_own_stage(plan, stage, source, stage_tensors)
+        if plan.in_turn:
+            runtime.barrier()  # stage `turn` has sent everything: the next one starts
+    results = [r for r in runtime.gather_objects(result) if r is not None]  # the barrier: all stages sent
+    outcome = None
     if engine is not None:
         try:
             report = engine.load_stages(plan, results)
@@ -340,6 +373,22 @@ def sync_from_stages(engine, stage_tensors: Callable[[], Iterator[tuple[str, tor
     if isinstance(outcome, str):
         raise RuntimeError(f"weight sync v{version} failed on rank 0: {outcome}")
     return outcome
+
+
+def _send_own_stage(plan: StagePlan, stage: int, source: bool, stage_tensors) -> StageResult | None:
+    """This rank's part of its stage: the source sends (a failure becomes the result's error), the
+    stage's other ranks take part in the stream's collectives."""
+    stream = stage_tensors()
+    if not source:
+        for _ in stream:  # nothing to send here; a lazy stream still owes its collectives
+            pass
+        return None
+    try:
+        return write_stage(plan, stage, stream)
+    except Exception as e:  # noqa: BLE001 - shared with every rank by the caller, raised everywhere
+        for _ in stream:  # the stage's other tensor-parallel ranks wait in the remaining gathers
+            pass
+        return StageResult(stage, error=f"stage {stage} (rank {_rank()}): {type(e).__name__}: {e}")
 
 
 def _rank() -> int:
@@ -393,8 +442,8 @@ class DiskTransport(WeightTransport):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def stage_plan(self, version, bucket_bytes):
-        return StagePlan(self.name, version, bucket_bytes, str(self._fresh_tmp(version).resolve()))
+    def stage_plan(self, version, bucket_bytes, *, urls, num_stages):
+        return StagePlan(self.name, version, bucket_bytes, str(self._fresh_tmp(version).resolve()), tuple(urls))
 
     @staticmethod
     def write_stage(plan: StagePlan, stage: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> StageResult:
@@ -454,21 +503,25 @@ def _write_shards(directory: Path, buckets: Iterable[Bucket], prefix: str) -> tu
 # ----------------------------------------------------------------------------------------------------
 
 
-def init_weight_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str):
+GROUP_TIMEOUT = timedelta(minutes=10)
+
+
+def init_weight_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str,
+                             *, store=None):
     """Joins (as `rank`) the process group the servers build in /init_weights_update_group.
 
     The server side (sglang.srt.utils.init_custom_process_group) rendezvouses over
     tcp://master_address:master_port, prefixes the store with the group name and builds the group
     with torch's process-group helper, outside any default group. The store keys only meet if we
-    build ours the same way, so this follows the same steps; rank 0 (the trainer) hosts the store.
+    build ours the same way, so this follows the same steps; group rank 0 hosts the store, unless
+    `store` is given (a stage's sender connects to the store global rank 0 hosts for its group).
     """
-    from datetime import timedelta
-
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
 
-    timeout = timedelta(minutes=10)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    timeout = GROUP_TIMEOUT
+    if store is None:
+        store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
+        store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name, timeout=timeout)
     # what new_group records too: destroy_process_group looks the group's ranks up here
@@ -493,15 +546,54 @@ class NcclBroadcastTransport(WeightTransport):
         self.device = torch.device(device or ("cuda" if backend == "nccl" else "cpu"))
         self._group = None
         self._urls: list[str] | None = None
+        self._stores: list = []  # per-stage sync: one rendezvous store per stage's group, hosted here
+        self._stage_names: list[str] = []
+        self._stage_urls: list[str] = []
 
     def init_bodies(self, urls: list[str]) -> list[dict]:
         """One /init_weights_update_group body per server: trainer rank 0, then each server's ranks."""
-        world = 1 + self.ranks_per_server * len(urls)
-        return [
-            protocol.init_group_body(self.master_address, self.master_port, 1 + i * self.ranks_per_server, world,
-                                     self.group_name, self.backend)
-            for i in range(len(urls))
-        ]
+        return _init_bodies(urls, self.master_address, self.master_port, self.ranks_per_server, self.group_name, self.backend)
+
+    def stage_group_name(self, stage: int) -> str:
+        return f"{self.group_name}_pp{stage:03d}"
+
+    def stage_plan(self, version, bucket_bytes, *, urls, num_stages):
+        """One group per stage, each stage's sender its rank 0; the rendezvous stores live here, on
+        global rank 0, whose address (`master_address`) the servers reach already: stage 0's at
+        `master_port`, the others' on ports the system picks. The stages send in turn (module
+        docstring: concurrent broadcasts over several groups can deadlock the servers)."""
+        from torch.distributed import TCPStore
+
+        while len(self._stores) < num_stages:
+            port = self.master_port if not self._stores else 0
+            # multi_tenant: the one-stream path's rendezvous (send) may host master_port in this process too
+            self._stores.append(TCPStore(self.master_address, port, None, True, timeout=GROUP_TIMEOUT,
+                                         wait_for_workers=False, multi_tenant=True))
+        self._stage_names = [self.stage_group_name(s) for s in range(num_stages)]
+        self._stage_urls = list(urls)
+        options = {"master_address": self.master_address, "ports": [st.port for st in self._stores[:num_stages]],
+                   "group_names": list(self._stage_names), "backend": self.backend, "ranks_per_server": self.ranks_per_server}
+        return StagePlan(self.name, version, bucket_bytes, urls=tuple(urls), in_turn=True, options=options)
+
+    @staticmethod
+    def send_stage(plan: StagePlan, stage: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> StageResult:
+        """On a stage's source rank: its tensors broadcast over its own group, bucket by bucket,
+        from the device they are on (NCCL: the GPU; no host copy)."""
+        name = plan.options["group_names"][stage]
+        group = _stage_group(plan, stage)
+        report = SyncReport(plan.version)
+        weight_map: dict[str, str] = {}
+        to_send = functools.partial(_sendable, plan.options["backend"])
+        for bucket in _measured(iter_buckets(named_tensors, plan.bucket_bytes), report):
+            try:
+                _broadcast_bucket(group, list(plan.urls), bucket, name, plan.version, to_send)
+            except BaseException:
+                leave_stage_group(name)  # a broadcast left half-fed: the group cannot be trusted again
+                raise
+            weight_map.update((n, name) for n, _ in bucket)
+            del bucket
+        return StageResult(stage, weight_map, report.num_tensors, report.total_bytes, report.num_buckets,
+                           report.max_bucket_bytes)
 
     @staticmethod
     def bucket_body(bucket: Bucket, group_name: str, version: int) -> dict:
@@ -515,44 +607,114 @@ class NcclBroadcastTransport(WeightTransport):
             return
         if self._group is not None:
             raise RuntimeError("NcclBroadcastTransport: the set of servers changed; build a new transport")
-        bodies = self.init_bodies(urls)
-        # The servers block in /init_weights_update_group until rank 0 joins: post from threads.
-        posts = [_post_in_thread(u, "/init_weights_update_group", b) for u, b in zip(urls, bodies)]
-        self._group = init_weight_update_group(self.master_address, self.master_port, 0, bodies[0]["world_size"],
-                                               self.group_name, self.backend)
-        for post in posts:
-            post.result()
+        self._group = _join_as_sender(urls, self.init_bodies(urls))
         self._urls = list(urls)
 
     def send(self, urls, buckets, version, report):
         self._connect(urls)
+        to_device = lambda t: t.detach().to(self.device).contiguous()  # noqa: E731
         for bucket in buckets:
-            body = self.bucket_body(bucket, self.group_name, version)
-            # Each server posts the receive side and waits in broadcast; we feed it in order.
-            posts = [_post_in_thread(u, "/update_weights_from_distributed", body) for u in urls]
-            works = [self._group.broadcast(tensor.detach().to(self.device).contiguous(), 0) for _, tensor in bucket]
             try:
-                _wait_broadcast(works, posts)
+                _broadcast_bucket(self._group, urls, bucket, self.group_name, version, to_device)
             except BaseException:
                 self.close()  # a broadcast left half-fed: the group cannot be trusted again
                 raise
-            for post in posts:
-                post.result()
-            del bucket, works  # before the next bucket is built
+            del bucket  # before the next bucket is built
 
     def close(self) -> None:
-        """Leaves the group on both sides, so that the group name can be used again."""
-        import torch.distributed as dist
-
+        """Leaves the groups on both sides, so that the group names can be used again: the one-stream
+        group, this rank's own stage group, and the other stages' groups on the servers' side (their
+        senders' side ends with their processes)."""
         group, urls, self._group, self._urls = self._group, self._urls, None, None
-        if group is None:
-            return
-        for url in urls:
-            try:
-                post_all([url], "/destroy_weights_update_group", protocol.destroy_group_body(self.group_name), timeout_s=60.0)
-            except Exception:  # noqa: BLE001 - a server that is gone has left the group too
-                pass
+        if group is not None:
+            _leave(group, urls, self.group_name)
+        for name in self._stage_names:
+            if name in _STAGE_GROUPS:
+                leave_stage_group(name)
+            else:
+                _leave(None, self._stage_urls, name)
+        self._stage_names, self._stage_urls, self._stores = [], [], []
+
+
+def _init_bodies(urls, master_address, master_port, ranks_per_server, group_name, backend) -> list[dict]:
+    world = 1 + ranks_per_server * len(urls)
+    return [protocol.init_group_body(master_address, master_port, 1 + i * ranks_per_server, world, group_name, backend)
+            for i in range(len(urls))]
+
+
+def _join_as_sender(urls: list[str], bodies: list[dict], store=None):
+    """Group rank 0's side of /init_weights_update_group on every server."""
+    first = bodies[0]
+    # The servers block in /init_weights_update_group until rank 0 joins: post from threads.
+    posts = [_post_in_thread(u, "/init_weights_update_group", b) for u, b in zip(urls, bodies)]
+    group = init_weight_update_group(first["master_address"], first["master_port"], 0, first["world_size"],
+                                     first["group_name"], first["backend"], store=store)
+    for post in posts:
+        post.result()
+    return group
+
+
+def _leave(group, urls: list[str], group_name: str) -> None:
+    import torch.distributed as dist
+
+    for url in urls:
+        try:
+            post_all([url], "/destroy_weights_update_group", protocol.destroy_group_body(group_name), timeout_s=60.0)
+        except Exception:  # noqa: BLE001 - a server that is gone has left the group too
+            pass
+    if group is not None:
         dist.destroy_process_group(group)
+
+
+# On each stage's sender: the group it built, by name, with the servers it was built for. A group
+# lives across syncs (joining costs a rendezvous with every server); it is rebuilt when the servers
+# change and left after a failed broadcast.
+_STAGE_GROUPS: dict[str, tuple] = {}
+
+
+def _stage_group(plan: StagePlan, stage: int):
+    from torch.distributed import TCPStore
+
+    options, urls = plan.options, tuple(plan.urls)
+    name = options["group_names"][stage]
+    held = _STAGE_GROUPS.get(name)
+    if held is not None and held[1] == urls:
+        return held[0]
+    if held is not None:
+        leave_stage_group(name)
+    port = options["ports"][stage]
+    bodies = _init_bodies(list(urls), options["master_address"], port, options["ranks_per_server"], name, options["backend"])
+    store = TCPStore(options["master_address"], port, None, False, timeout=GROUP_TIMEOUT)
+    group = _join_as_sender(list(urls), bodies, store=store)
+    _STAGE_GROUPS[name] = (group, urls, store)
+    return group
+
+
+def leave_stage_group(name: str) -> None:
+    """This rank leaves its stage group `name` (and has the servers leave it); a no-op without one."""
+    held = _STAGE_GROUPS.pop(name, None)
+    if held is not None:
+        _leave(held[0], list(held[1]), name)
+
+
+def _sendable(backend: str, tensor: torch.Tensor) -> torch.Tensor:
+    """NCCL broadcasts GPU memory only: a host tensor here is an upstream mistake (the stage stream
+    yields tensors on the model's device), refused rather than copied to the GPU behind its back."""
+    if backend == "nccl" and tensor.device.type != "cuda":
+        raise ValueError(f"nccl weight transport: got a tensor on {tensor.device}; NCCL sends GPU tensors only")
+    return tensor.detach().contiguous()
+
+
+def _broadcast_bucket(group, urls: list[str], bucket: Bucket, group_name: str, version: int, to_device) -> None:
+    """One /update_weights_from_distributed per server (each then waits in broadcast) while this
+    rank, group rank 0, feeds the bucket's tensors in order."""
+    tensors = [to_device(t) for _, t in bucket]  # before any server waits for them
+    body = NcclBroadcastTransport.bucket_body(bucket, group_name, version)
+    posts = [_post_in_thread(u, "/update_weights_from_distributed", body) for u in urls]
+    works = [group.broadcast(t, 0) for t in tensors]
+    _wait_broadcast(works, posts)
+    for post in posts:
+        post.result()
 
 
 def _wait_broadcast(works, posts, poll_s: float = 0.01) -> None:
@@ -686,3 +848,27 @@ class CudaIpcTransport(WeightTransport):
             del bucket
             post_each(urls, "/update_weights_from_tensor", [self.bucket_body(staged, version) for _ in urls])
             del staged
+
+    def stage_plan(self, version, bucket_bytes, *, urls, num_stages):
+        """Every stage posts its own buckets to the servers (paused, in the session rank 0 opened),
+        all stages at once: a server takes one tensor request at a time, and none waits for another."""
+        return StagePlan(self.name, version, bucket_bytes, urls=tuple(urls),
+                         options={"ranks_per_server": self.ranks_per_server, "device": str(self.device)})
+
+    @staticmethod
+    def send_stage(plan: StagePlan, stage: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> StageResult:
+        """On a stage's source rank: its own tensors as payloads of its own device (a GPU's handles
+        name that GPU by UUID), bucket by bucket, each kept alive until every server has copied it."""
+        sender = CudaIpcTransport(ranks_per_server=plan.options["ranks_per_server"], device=plan.options["device"])
+        report = SyncReport(plan.version)
+        weight_map: dict[str, str] = {}
+
+        def noted(buckets):
+            for bucket in buckets:
+                weight_map.update((n, f"pp{stage:03d}") for n, _ in bucket)
+                yield bucket
+                del bucket
+
+        sender.send(list(plan.urls), noted(_measured(iter_buckets(named_tensors, plan.bucket_bytes), report)), plan.version, report)
+        return StageResult(stage, weight_map, report.num_tensors, report.total_bytes, report.num_buckets,
+                           report.max_bucket_bytes)
