@@ -39,11 +39,13 @@ from megatron_nft.actor_state import ActorState
 from megatron_nft.algorithms import LossOptions, MicroBatchReduction, StepStats, algorithm, policy_loss, token_stats
 from megatron_nft.config import AlgoConfig, OptimConfig
 from megatron_nft.errors import ConfigError
-from megatron_nft.microbatches import MicroBatchPlan, alignment
+from megatron_nft.microbatches import LocalRows, MicroBatchPlan, alignment
 from megatron_nft.model.bundle import DTYPES, ModelBundle, run_schedule  # noqa: F401 - DTYPES: the actor's dtypes
 from megatron_nft.model.qwen2 import ModelOptions, Qwen2Shape
 
 FINITE_CHECK_CHUNK = 1 << 24  # gradient elements per isfinite call in grads_finite (~112 MiB of temporaries)
+# what a minibatch's micro-batches carry into the loss (reward_std only when the batch has it)
+_TRAIN_KEYS = ("tokens", "loss_mask", "old_logprobs", "rewards", "correct_rate", "reward_std")
 
 
 def check_packing(cp: int, max_tokens_per_micro_batch: int | None) -> None:
@@ -347,11 +349,102 @@ class Actor:
         full[:, :, -1] = 0.0
         return full[0], full[1]
 
+    @torch.no_grad()
+    def compute_logprobs_local(self, local: LocalRows, *, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropies [n, S] of this rank's rows of a minibatch (`local`: its
+        rows, their places in the minibatch, every row's needed length), under the current weights,
+        on the micro-batches `train_step_local` cuts for them (`group_size` as its whole groups): no
+        data-parallel communication, every rank of this data-parallel rank gets them."""
+        self.model.eval()
+        rows, seq_len = local.batch["tokens"].shape
+        if not rows:  # no forward: this rank's replicas hold the same (no) rows, and nothing here is collective over DP
+            empty = torch.zeros((0, seq_len))
+            return empty, empty.clone()
+        # 1-based row numbers ride along, so that outputs find their rows (0: a zero row of the plan)
+        numbered = {"tokens": local.batch["tokens"], "loss_mask": local.batch["loss_mask"],
+                    "local_row": torch.arange(1, rows + 1)}
+        micro, _ = self.microbatches.split_local(LocalRows(numbered, local.positions, local.lengths), group_size=group_size)
+
+        def loss_func_for(mb):
+            def collect(output):
+                return output.sum() * 0.0, {"logprobs_entropy": output.detach().clone()}
+
+            return collect
+
+        outputs = self._run(micro, loss_func_for, forward_only=True) if micro else []
+        full = torch.zeros((2, rows, seq_len), dtype=torch.float32, device=self.device) if self.last_stage else None
+        if self.last_stage:
+            for mb, out in zip(micro, outputs):
+                real = mb["local_row"] > 0
+                full[:, mb["local_row"][real] - 1] = out["logprobs_entropy"][:, real, :seq_len].float()
+        full = self._broadcast_from_last_stage(full, (2, rows, seq_len), torch.float32).cpu()
+        full[:, :, -1] = 0.0
+        return full[0], full[1]
+
+    @property
+    def replica_leader(self) -> bool:
+        """Whether this rank is the first of the ranks that hold its data-parallel rank's rows (its
+        TP x PP x CP ranks): the one that reports them, once."""
+        from megatron.core import parallel_state as ps
+
+        cp_rank = ps.get_context_parallel_rank() if self.cp > 1 else 0
+        return self.tp_rank == 0 and self.pp_rank == 0 and cp_rank == 0
+
+    @property
+    def replica_group(self):
+        """The group of the ranks that hold this data-parallel rank's rows, for batch_shards to
+        broadcast them within: megatron-core's model-parallel group (TP x PP). None when this rank is
+        alone in it, and under context parallel (that group leaves the CP ranks out: rank 0 then
+        sends to each of them itself)."""
+        from megatron.core import parallel_state as ps
+
+        if self.cp > 1 or self.tp * self.pp == 1:
+            return None
+        return ps.get_model_parallel_group()
+
+    def keeps_groups_whole(self, lengths, group_size: int) -> bool:
+        """Whether a minibatch of rows of these needed lengths trains with whole groups per
+        micro-batch (a group-coupled loss whose groups fit), rather than through the split pre-pass."""
+        return algorithm(self.algo.resolved().name).couples_group and self.microbatches.groups_fit_lengths(lengths, group_size)
+
+    def aggregation_norm(self, loss_mask: torch.Tensor, group_size: int | None) -> float:
+        """The divisor that makes the step's sum the algorithm's aggregation over a whole minibatch of
+        this `loss_mask` (token_mean: its token count; group_mean: its groups with tokens), additive
+        over micro-batches and ranks; see algorithms.policy_loss."""
+        algo = self.algo.resolved()
+        if algo.agg == "token_sum_norm":
+            return algo.agg_norm * algo.reference_dp_world  # the official trainer's DP gradient averaging
+        if algo.agg == "token_mean":
+            return max(float(loss_mask.sum()), 1.0)
+        return max(float(self._groups_with_tokens(loss_mask, group_size)), 1.0)
+
+    @property
+    def needs_aggregation_norm(self) -> bool:
+        """Whether aggregation_norm reads the minibatch (else it is a constant)."""
+        return self.algo.resolved().agg != "token_sum_norm"
+
     @staticmethod
     def _groups_with_tokens(loss_mask: torch.Tensor, group_size: int | None) -> int:
         if group_size is None or loss_mask.shape[0] % group_size:
             raise ValueError(f"agg=group_mean needs whole groups: {loss_mask.shape[0]} rows, group_size={group_size}")
         return int((loss_mask.view(-1, group_size, loss_mask.shape[1]).sum(dim=(1, 2)) > 0).sum())
+
+    def train_step_local(self, local: LocalRows, *, group_size: int, norm: float) -> dict[str, float]:
+        """train_step on a minibatch of which this data-parallel rank holds only its rows (`local`,
+        as train_step's batch: tokens, loss_mask, old_logprobs, rewards, correct_rate, optional
+        reward_std), with what needs the whole minibatch given: `norm` (aggregation_norm of the whole
+        minibatch's loss mask, the same on every rank). The micro-batches, and so the update, are
+        train_step's on the whole minibatch. A group-coupled loss must keep its groups whole
+        (keeps_groups_whole): the split pre-pass reads the whole minibatch."""
+        algo = self.algo.resolved()
+        couples_group = algorithm(algo.name).couples_group
+        if couples_group and not self.keeps_groups_whole(local.lengths, group_size):
+            raise NotImplementedError(f"{algo.name} with groups that do not fit a micro-batch needs the whole "
+                                      f"minibatch (the split pre-pass): train_step")
+        keys = [k for k in _TRAIN_KEYS if k in local.batch]
+        micro, _ = self.microbatches.split_local(LocalRows({k: local.batch[k] for k in keys}, local.positions, local.lengths),
+                                                 group_size=group_size if couples_group else None)
+        return self._train_on(micro, norm=norm, group_size=group_size)
 
     def train_step(self, batch: dict, *, group_size: int | None = None) -> dict[str, float]:
         """One optimizer step on a minibatch: returns loss, grad norm, lr and the loss stats.
@@ -366,15 +459,10 @@ class Actor:
         couples_group = algorithm(algo.name).couples_group
         # token_mean (group_mean) over the whole minibatch == a sum divided by the minibatch's token
         # (group) count, which is additive over micro-batches and ranks; see algorithms.policy_loss.
-        if algo.agg == "token_sum_norm":
-            norm = algo.agg_norm * algo.reference_dp_world  # the official trainer's DP gradient averaging
-        elif algo.agg == "token_mean":
-            norm = max(float(batch["loss_mask"].sum()), 1.0)
-        else:
-            norm = max(float(self._groups_with_tokens(batch["loss_mask"], group_size)), 1.0)
+        norm = self.aggregation_norm(batch["loss_mask"], group_size)
         if couples_group and group_size is None:
             raise ValueError(f"{algo.name} needs group_size (the K answers of a prompt are contrasted)")
-        keys = ["tokens", "loss_mask", "old_logprobs", "rewards", "correct_rate"] + (["reward_std"] if "reward_std" in batch else [])
+        keys = [k for k in _TRAIN_KEYS if k in batch]
         # Only a group-coupled loss contrasts a prompt's rows: micro-batches keep its groups whole when
         # they fit, else every row gets its exact per-token loss gradient from a forward pass first.
         whole_groups = group_size if couples_group and self.microbatches.groups_fit(batch, group_size) else None
@@ -384,6 +472,12 @@ class Actor:
             batch = {**batch, "coef": split["coef"]}
             keys.append("coef")
         micro, _ = self.microbatches.split({k: batch[k] for k in keys}, group_size=whole_groups)
+        return self._train_on(micro, norm=norm, group_size=group_size, split=split)
+
+    def _train_on(self, micro: list[dict], *, norm: float, group_size: int | None, split: dict | None = None) -> dict[str, float]:
+        """The optimizer step on this rank's micro-batches of a minibatch (train_step, train_step_local)."""
+        self.model.train()
+        algo = self.algo.resolved()
         # Megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP
         # averages gradients over data-parallel ranks; undo both so the gradient is that of the
         # minibatch loss itself, whatever the micro-batching and parallel layout.

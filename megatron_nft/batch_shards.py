@@ -10,9 +10,8 @@ batch; ranks that share a data-parallel rank, its TP x PP x CP ranks, get it fro
 broadcast within their group), and `RaggedBatch.padded` pads a shard to the whole batch's width,
 giving row for row what `data.batching.pack_rows` gives for the whole batch.
 
-What is not here yet: the actor still takes the global batch (its old log-probs are all-gathered, its
-token-mean norm and InfoNCA's split pre-pass read the whole minibatch), so the trainer does not use
-these shards yet; bench/batch_distribution.py measures both paths.
+The trainer's sync steps train on these shards (megatron_nft/sharded_train.py); bench/batch_distribution.py
+measures the distribution against the broadcast it replaces.
 """
 
 from __future__ import annotations
@@ -76,20 +75,27 @@ class RaggedBatch:
         labels, the per-row values)."""
         rows, width = self.rows, self.width
         tokens = torch.zeros((rows, width), dtype=torch.long)
-        logprobs = torch.zeros((rows, width), dtype=torch.float32)
-        lengths = (self.prompt_lens + self.response_lens).tolist()
-        prompt_lens, response_lens = self.prompt_lens.tolist(), self.response_lens.tolist()
-        at = answer_at = 0
-        for i, (n, p, r) in enumerate(zip(lengths, prompt_lens, response_lens)):
+        at = 0
+        for i, n in enumerate((self.prompt_lens + self.response_lens).tolist()):
             tokens[i, :n] = self.tokens[at : at + n]
-            # label t scores token t+1: the response's labels sit at p - 1 .. p + r - 2
-            logprobs[i, p - 1 : p - 1 + r] = self.rollout_logprobs[answer_at : answer_at + r]
-            at, answer_at = at + n, answer_at + r
+            at += n
+        logprobs = self.aligned(self.rollout_logprobs)
         start = (self.prompt_lens - 1)[:, None]
         columns = torch.arange(width)[None, :]
         loss_mask = ((columns >= start) & (columns < start + self.response_lens[:, None])).float()
         return {"tokens": tokens, "loss_mask": loss_mask, "rollout_logprobs": logprobs, **self.per_row}
 
+
+    def aligned(self, values: torch.Tensor) -> torch.Tensor:
+        """One value per response token (rows end to end, the layout of `rollout_logprobs`) ->
+        [rows, width] float32 aligned like `padded()`'s labels, 0 elsewhere; answer_values' inverse."""
+        out = torch.zeros((self.rows, self.width), dtype=torch.float32)
+        at = 0
+        for i, (p, r) in enumerate(zip(self.prompt_lens.tolist(), self.response_lens.tolist())):
+            # label t scores token t+1: the response's labels sit at p - 1 .. p + r - 2
+            out[i, p - 1 : p - 1 + r] = values[at : at + r]
+            at += r
+        return out
 
     def answer_values(self, padded: torch.Tensor) -> torch.Tensor:
         """[rows, width] values aligned like `padded()`'s labels -> one per response token, rows end to
@@ -153,6 +159,15 @@ def rollout_ragged_batch(rollout, k: int, rewards: list[float]) -> RaggedBatch:
     )
 
 
+def minibatch_rows(rows: int, group_size: int, num_minibatches: int) -> list[range]:
+    """The rows of each of a step's minibatches, as trainer.train_on_rollout cuts them: at most
+    `num_minibatches` runs of whole groups, ceil(groups / minibatches) groups each."""
+    groups = rows // group_size
+    num_mb = min(num_minibatches, groups)
+    per_mb = math.ceil(groups / num_mb) if groups else 1
+    return [range(start * group_size, min(groups, start + per_mb) * group_size) for start in range(0, groups, per_mb)]
+
+
 def train_rows(plan, lengths: list[int], *, group_size: int, num_minibatches: int,
                whole_groups: Sequence[bool] | bool = False) -> list[list[int]]:
     """Per data-parallel rank, the rows (indices into the step's batch, increasing) its micro-batches
@@ -161,18 +176,15 @@ def train_rows(plan, lengths: list[int], *, group_size: int, num_minibatches: in
     packed micro-batches where `whole_groups` (per minibatch, or one flag for all) says the actor keeps
     them (a group-coupled loss whose groups fit). The zero rows the plan adds are not rows of the batch
     and are left out."""
-    groups = len(lengths) // group_size
-    if groups * group_size != len(lengths):
+    if len(lengths) % group_size:
         raise ValueError(f"train_rows: {len(lengths)} rows are not whole groups of {group_size}")
-    num_mb = min(num_minibatches, groups)
-    per_mb = math.ceil(groups / num_mb) if groups else 1
-    starts = range(0, groups, per_mb)
-    whole = [whole_groups] * len(starts) if isinstance(whole_groups, bool) else list(whole_groups)
-    if len(whole) != len(starts):
-        raise ValueError(f"train_rows: whole_groups has {len(whole)} flags for {len(starts)} minibatches")
+    spans = minibatch_rows(len(lengths), group_size, num_minibatches)
+    whole = [whole_groups] * len(spans) if isinstance(whole_groups, bool) else list(whole_groups)
+    if len(whole) != len(spans):
+        raise ValueError(f"train_rows: whole_groups has {len(whole)} flags for {len(spans)} minibatches")
     mine: list[set[int]] = [set() for _ in range(plan.dp)]
-    for start, keep in zip(starts, whole):
-        first, end = start * group_size, min(groups, start + per_mb) * group_size
+    for span, keep in zip(spans, whole):
+        first, end = span.start, span.stop
         cut = plan.rows_by_rank(lengths[first:end], group_size=group_size if keep else 1)
         for rank, rows in enumerate(cut):
             mine[rank].update(first + r for r in rows if first + r < end)

@@ -11,9 +11,11 @@ the rollout collector (generation, grading, dynamic sampling, its tally), the ac
 (held-out accuracy, and when to measure it), the checkpointer (all run state on disk, and when to
 save), the metrics logger. Every resource is closed by one exit stack.
 
-Rank 0 owns the rollout engine and the grading pool; every rank runs the actor. The batch is built on
-rank 0 and broadcast over the control group (gloo, no device watchdog: the other ranks wait there for
-as long as the rollout takes), so all ranks feed Megatron the same global batch.
+Rank 0 owns the rollout engine and the grading pool; every rank runs the actor. The other ranks wait
+for rank 0 on the control group (gloo, no device watchdog: they wait there for as long as the rollout
+takes). In sync steps rank 0 turns the batch into tensors and each data-parallel rank receives only
+its rows (sharded_train.py); async steps, and InfoNCA's split pre-pass, broadcast the whole rollout and
+every rank builds the global batch (rollout_batch).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from megatron_nft.reward import shape_overlong
 from megatron_nft.rollout import RolloutEngine, SamplingParams
 from megatron_nft.run_dir import write_atomically
 from megatron_nft.runtime import any_rank, broadcast_object, gather_objects, is_main_rank
+from megatron_nft.sharded_train import share_rollout, train_on_shards
 
 
 def training_rewards(cfg: TrainConfig, rollout: StepRollout) -> list[float]:
@@ -379,12 +382,15 @@ class Trainer:
         if self.collector is not None:
             collected = self.collector.collect(step)
             collect_s = time.perf_counter() - t0
-        rollout = broadcast_object(collected)
+        # rank 0 keeps the rollout; each data-parallel rank gets only its rows (sharded_train.py)
+        shared = share_rollout(self.actor, self.cfg, collected)
+        rollout = shared.rollout
         t_rollout = time.perf_counter() - t0
         metrics = dict(rollout.metrics)
-        if rollout.prompts:
+        if shared.groups:
             # 3-4. old log-probs, then the minibatch updates
-            step_metrics, nonfinite = train_on_rollout(self.actor, self.cfg, rollout)
+            step_metrics, nonfinite = (train_on_shards(self.actor, self.cfg, shared) if shared.sharded
+                                       else train_on_rollout(self.actor, self.cfg, rollout))
             metrics.update(step_metrics)
             self.guard.check(step + 1, nonfinite, rollout, before_raising=lambda: self.logger.log(step + 1, metrics))
         else:

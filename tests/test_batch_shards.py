@@ -1,7 +1,9 @@
 """The sharded batch (megatron_nft.batch_shards): a shard padded on its rank is, row for row, the batch
 pack_rows / trainer.rollout_batch builds whole; the rows each data-parallel rank gets are the rows the
 actor's micro-batch plan gives it (checked against MicroBatchPlan.split itself); and the scatter over
-gloo ranks delivers exactly those rows, under the strict device mode."""
+gloo ranks delivers exactly those rows, under the strict device mode. A rank holding only its rows cuts
+the micro-batches MicroBatchPlan.split cuts from the whole minibatch, and the trainer's sharded step
+(sharded_train.py) gives train_on_rollout's metrics and updated weights bit for bit on DP=2."""
 
 from __future__ import annotations
 
@@ -206,3 +208,129 @@ def test_scatter_gives_each_rank_only_its_rows():
         else:
             assert out["gap"] is None and "missing" not in out
         assert out["refused"] == "scatter_shards: rows for 1 data-parallel ranks, but rank 1 is data-parallel rank 1"
+
+
+@pytest.mark.parametrize("plan_args", PLANS)
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_split_local_is_split_of_the_whole_minibatch(plan_args, group_size):
+    """A rank that holds only its rows (rows_by_rank's) cuts the very micro-batches split cuts from the
+    whole minibatch, zero rows included; a row it lacks is refused, naming it."""
+    from megatron_nft.microbatches import LocalRows
+
+    batch = _whole(*_rows(lengths=(5, 0, 9, 3, 7, 1, 4, 8, 2, 6)))
+    lengths = needed_lengths(batch["loss_mask"])
+    for rank in range(plan_args["dp"]):
+        plan = MicroBatchPlan(dp_rank=rank, **plan_args)
+        mine = [r for r in plan.rows_by_rank(lengths, group_size=group_size or 1)[rank] if r < len(lengths)]
+        order = mine[::-1]  # the shard's own order is not the plan's
+        local = LocalRows(select_rows(batch, torch.tensor(order, dtype=torch.long)), order, lengths)
+        got, want = plan.split_local(local, group_size=group_size), plan.split(batch, group_size=group_size)
+        assert got.rows == want.rows and len(got.micro) == len(want.micro)
+        for g, w in zip(got.micro, want.micro):
+            assert g.keys() == w.keys()
+            for key in w:
+                if key == "packed":
+                    assert g[key].micro == w[key].micro and torch.equal(g[key].tokens, w[key].tokens)
+                else:
+                    assert torch.equal(g[key], w[key]), (rank, key)
+        if mine:
+            short = LocalRows(select_rows(batch, torch.tensor(order[1:], dtype=torch.long)), order[1:], lengths)
+            with pytest.raises(ValueError, match=rf"^split_local: data-parallel rank {rank} trains on rows \[{order[0]}\] of"):
+                plan.split_local(short, group_size=group_size)
+
+
+# (algo overrides, parallel overrides, num_minibatches): token_mean + TIS on padded micro-batches over
+# two minibatches; GRPO + TIS packed; InfoNCA's group_mean with whole groups; NFT at TP=2
+SHARDED_CASES = [
+    (["algo.name=dapo", "algo.tis_cap=1.05"], {"micro_batch_size": 2}, 2),
+    (["algo.name=grpo", "algo.tis_cap=1.2"], {"micro_batch_size": 2, "max_tokens_per_micro_batch": 40}, 1),
+    (["algo.name=infonca"], {"micro_batch_size": 4}, 2),
+    (["algo.name=nft"], {"micro_batch_size": 4, "tp": 2}, 2),  # one data-parallel rank: its shard broadcast over TP
+]
+
+
+def _step_rollout(prompts=6, k=2, seed=0):
+    from megatron_nft.collect import Prompt, StepRollout
+    from megatron_nft.rollout.base import Completion
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (prompts * k,), generator=g).tolist()
+    return StepRollout(
+        prompts=[Prompt(torch.randint(1, 96, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist(), "1")
+                 for _ in range(prompts)],
+        completions=[Completion(i // k, torch.randint(1, 96, (n,), generator=g).tolist(),
+                                (-torch.rand(n, generator=g, dtype=torch.float64) * 0.2 - 4.4).tolist(), "stop", 0)
+                     for i, n in enumerate(lengths)],
+        rewards=[float(i % 3 == 0) for i in range(prompts * k)],
+        metrics={"rollout/reward": 0.5},
+    )
+
+
+def _sharded_against_whole(rank, world_size):
+    from megatron_nft import runtime
+    from megatron_nft.actor import Actor
+    from megatron_nft.config import load_config
+    from megatron_nft.model.qwen2 import Qwen2Shape
+    from megatron_nft.sharded_train import share_rollout, train_on_shards
+    from megatron_nft.trainer import train_on_rollout
+
+    runtime.init_process_group()
+    shape = Qwen2Shape(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=64,
+                       tie_word_embeddings=False)
+    rollout = _step_rollout()
+    out = []
+    for algo, parallel, num_mb in SHARDED_CASES:
+        cfg = load_config(None, [*algo, f"algo.num_minibatches={num_mb}", "rollout.samples_per_prompt=2",
+                                 "optim.lr=1e-2", "optim.warmup_steps=0"])
+        results = []
+        for sharded in (False, True):
+            actor = Actor(shape, optim=cfg.optim, algo=cfg.algo, seed=5, **parallel)
+            if sharded:
+                shared = share_rollout(actor, cfg, rollout if rank == 0 else None)
+                assert shared.sharded
+                metrics, _ = train_on_shards(actor, cfg, shared)
+                rows = shared.shard.row_ids.tolist()
+            else:
+                metrics, _ = train_on_rollout(actor, cfg, rollout)
+                rows = None
+            weights = [p.detach().clone() for p in actor.model.parameters()]
+            actor.close()
+            results.append(({k: v for k, v in metrics.items() if not k.startswith("time/")}, weights, rows))
+        (want, want_w, _), (got, got_w, rows) = results
+        out.append({"want": want, "got": got, "rows": rows,
+                    "same_weights": all(torch.equal(a, b) for a, b in zip(want_w, got_w))})
+    # InfoNCA whose groups do not fit a micro-batch (split pre-pass): the whole rollout goes to every rank
+    cfg = load_config(None, ["algo.name=infonca", "rollout.samples_per_prompt=2"])
+    actor = Actor(shape, algo=cfg.algo, seed=5, micro_batch_size=1)
+    shared = share_rollout(actor, cfg, rollout if rank == 0 else None)
+    actor.close()
+    out.append({"whole": not shared.sharded and shared.rollout == rollout})
+    return out
+
+
+def test_the_sharded_step_gives_the_whole_batch_step_s_numbers():
+    """train_on_shards (each data-parallel rank its rows, the whole-batch figures from rank 0) against
+    train_on_rollout (every rank the whole batch) on 2 ranks, DP=2 (and TP=2), from the same weights:
+    every metric bit for bit, the same updated weights, each data-parallel rank trained on rows of its own."""
+    results = run_distributed(_sharded_against_whole, 2, timeout_s=600)
+    for rank, out in enumerate(results):
+        *cases, fallback = out
+        assert fallback["whole"], rank
+        for (algo, _, _), case in zip(SHARDED_CASES, cases):
+            assert case["got"].keys() == case["want"].keys(), algo
+            diff = {k: (v, case["got"][k]) for k, v in case["want"].items() if not _same(v, case["got"][k])}
+            assert not diff, (rank, algo, diff)
+            assert case["same_weights"], (rank, algo)
+            if "algo.tis_cap=1.05" in algo:
+                assert 0 < case["got"]["actor/tis_capped_frac"] < 1  # the cap bites on some tokens only
+    for i, (_, parallel, _) in enumerate(SHARDED_CASES):
+        held = [set(out[i]["rows"]) for out in results]
+        if parallel.get("tp", 1) == 1:  # DP=2: each rank its own rows
+            assert not held[0] & held[1] and held[0] | held[1] == set(range(12)), (i, held)
+        else:  # TP=2: both ranks the whole batch
+            assert held[0] == held[1] == set(range(12)), (i, held)
+
+
+def _same(a, b):
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
