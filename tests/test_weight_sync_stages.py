@@ -9,7 +9,6 @@ its own answers must equal transformers' (in one process) or the Megatron actor'
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -151,6 +150,7 @@ def test_two_stages_load_as_one_version(server, kind):
         results = [write_stage(plan, 0, iter(params[:split])), write_stage(plan, 1, iter(params[split:]))]
         return plan, engine.load_stages(plan, results)
 
+    first_groups = None
     try:
         for version, seed in ((3, 21), (4, 22)):
             _, model = random_qwen2(seed=seed)
@@ -188,6 +188,8 @@ def test_two_stages_load_as_one_version(server, kind):
 
 
 def _pp2_worker(rank, world_size, config, states, url, port):
+    import time
+
     import torch.distributed as dist
 
     from megatron_nft import runtime
@@ -210,14 +212,14 @@ def _pp2_worker(rank, world_size, config, states, url, port):
     out = {"stage": bundle.pp_rank, "source": bundle.stage_source, "sent": {}, "diff": {}, "report": {},
            "device": str(runtime.device())}
     for version, (kind, state) in enumerate([("nccl", 0), ("cuda_ipc", 1), ("nccl", 2)], start=1):
-        actor.load_hf(lambda n: states[state][n])
+        actor.load_hf(states[state].__getitem__)
         engine = engines.get(kind)
-        if version == 1:  # what this rank's own stage stream handed the transport
+        if version == 1:  # what this rank's own stage stream handed the transport, and when
             sent = []
 
             def recorded():
                 for name, tensor in bundle.stage_tensors():
-                    sent.append((name, str(tensor.device)))
+                    sent.append((name, str(tensor.device), time.time()))
                     yield name, tensor
 
             sync_from_stages(engine, recorded, stage=bundle.pp_rank, source=bundle.stage_source, version=version,
@@ -277,10 +279,62 @@ def test_pp2_actor_every_stage_sends_its_own_tensors(tmp_path):
         assert versions == [version] and diff < 1e-5, (version, diff)
         assert ranks[0]["report"][version] == (len(names), total)
     # stage 0: the embedding and layers 0-1; stage 1: layers 2-3, the final norm and the output layer
-    layer = lambda n: int(n.split(".")[2]) if n.startswith("model.layers.") else None  # noqa: E731
-    sent = [{n for n, _ in r["sent"]} for r in ranks]
+    def layer(name):
+        return int(name.split(".")[2]) if name.startswith("model.layers.") else None
+
+    sent = [{n for n, *_ in r["sent"]} for r in ranks]
     assert sent[0] == {n for n in names if n.startswith("model.embed_tokens") or (layer(n) is not None and layer(n) < 2)}
     assert sent[1] == {n for n in names if n.startswith(("model.norm", "lm_head")) or (layer(n) is not None and layer(n) >= 2)}
     assert sum(len(r["sent"]) for r in ranks) == len(names)  # each tensor once
     for r in ranks:  # runtime.device(): under the strict mode, the accelerator's stand-in (cpu:0), not the host
-        assert {d for _, d in r["sent"]} == {r["device"]} == {"cpu:0"}
+        assert {d for _, d, _ in r["sent"]} == {r["device"]} == {"cpu:0"}
+    # NCCL: stage 1 takes its turn once stage 0 has sent everything
+    assert max(t for *_, t in ranks[0]["sent"]) < min(t for *_, t in ranks[1]["sent"])
+
+
+def test_nccl_stage_sender_refuses_host_tensors():
+    """NCCL broadcasts GPU memory: a host tensor reaching a stage's NCCL sender is refused before any
+    server is asked to receive (gloo, the CPU form, takes any)."""
+    from megatron_nft.rollout.weight_sync import _sendable
+
+    with pytest.raises(ValueError, match="nccl weight transport: got a tensor on cpu; NCCL sends GPU tensors only"):
+        _sendable("nccl", torch.ones(2))
+    t = torch.ones(2, 3).t()
+    assert _sendable("gloo", t).is_contiguous() and torch.equal(_sendable("gloo", t), t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["nccl", "cuda_ipc"])
+def test_two_stages_into_real_sglang(kind, tmp_path):
+    """The per-stage path on a GPU into a real SGLang server: two NCCL groups (one per stage, joined
+    by the server side by side) or two stages' CUDA-IPC payloads, GPU tensors throughout; the
+    server's log-probs then are the new model's."""
+    from megatron_nft.rollout import SamplingParams
+    from megatron_nft.rollout.servers import free_ports, launch_servers, sglang_command
+    from megatron_nft.rollout.sglang_client import SGLangEngine
+    from megatron_nft.rollout.weight_sync import write_stage
+
+    _, model_a = random_qwen2(seed=0)
+    _, model_b = random_qwen2(seed=1)
+    model_a.save_pretrained(tmp_path / "model")
+    port, master_port = free_ports(2)
+    url = f"http://127.0.0.1:{port}"
+    cmd = sglang_command(str(tmp_path / "model"), port=port, mem_fraction_static=0.3, dtype="float32",
+                         extra_args=["--skip-tokenizer-init"])
+    sender = NcclBroadcastTransport("127.0.0.1", master_port) if kind == "nccl" else CudaIpcTransport()
+    engine = SGLangEngine([url], servers=launch_servers([(cmd, url)], tmp_path / "logs"), transport=sender,
+                          bucket_bytes=64 * 1024)
+    try:
+        engine.wait_ready(timeout_s=900)
+        params = [(n, p.detach().cuda()) for n, p in model_b.named_parameters()]
+        plan = engine.stage_plan(3, num_stages=2)
+        half = len(params) // 2
+        engine.load_stages(plan, [write_stage(plan, 0, iter(params[:half])), write_stage(plan, 1, iter(params[half:]))])
+        for c in engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, n=2)):
+            seq = torch.tensor([PROMPTS[c.prompt_index] + c.token_ids])
+            with torch.no_grad():
+                expected = hf_token_logprobs(model_b, seq)[0, len(PROMPTS[c.prompt_index]) - 1 : -1]
+            assert c.weight_version == 3
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=2e-3, rtol=0)
+    finally:
+        engine.close()

@@ -22,7 +22,8 @@ SGLang 0.5.23's weight-update rules, as its scheduler and tokenizer manager appl
   POST /end_weight_update          closes it (400 if none is open); the tensors received in the
                                    session are loaded here, as one complete update (stricter than
                                    SGLang, which loads each bucket: a missing tensor is an error)
-  POST /init_weights_update_group  joins the trainer's broadcast group (gloo on CPU)
+  POST /init_weights_update_group  joins a trainer broadcast group (gloo on CPU); several at once, by
+                                   group name, as SGLang's weight updater keeps them (one per stage)
   POST /update_weights_from_distributed   receives a bucket by broadcast from group rank 0
   POST /destroy_weights_update_group      leaves it
   POST /update_weights_from_tensor        one ForkingPickler payload per tensor-parallel rank (CPU
