@@ -182,6 +182,42 @@ def test_two_stages_load_as_one_version(server, kind):
         assert not any(n in _STAGE_GROUPS for n in plan.options["group_names"])
 
 
+def test_nccl_stage_refused_rejoins_under_a_new_name(server):
+    """A bucket the server refuses (a tensor another stage sent in this session) fails the sync and
+    that stage leaves its group on both sides; the next sync joins it again under a new name (the
+    old name's rendezvous keys stay in the store) and the server serves the new model."""
+    from megatron_nft.rollout.control import ServerError
+    from megatron_nft.rollout.sglang_client import SGLangEngine
+    from megatron_nft.rollout.weight_sync import _STAGE_GROUPS, StageResult, write_stage
+
+    from megatron_nft.rollout.servers import free_ports
+
+    transport = NcclBroadcastTransport("127.0.0.1", free_ports(1)[0], backend="gloo", group_name="rejoin")
+    engine = SGLangEngine([server], transport=transport, bucket_bytes=BUCKET_BYTES)
+    _, model = random_qwen2(seed=31)
+    params = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+    half = len(params) // 2
+    try:
+        plan = engine.stage_plan(7, num_stages=2)
+        base = plan.options["group_names"]
+        results = [write_stage(plan, 0, iter(params[:half]))]
+        with pytest.raises(ServerError, match="received twice in one weight-update session"):
+            write_stage(plan, 1, iter(params[half - 1 :]))
+        assert base[1] not in _STAGE_GROUPS and base[0] in _STAGE_GROUPS
+        results.append(StageResult(1, error="stage 1 (rank 1): ServerError: refused"))
+        with pytest.raises(RuntimeError, match="weight sync v7: stage 1"):
+            engine.load_stages(plan, results)
+        plan = engine.stage_plan(8, num_stages=2)
+        report = engine.load_stages(plan, [write_stage(plan, 0, iter(params[:half])), write_stage(plan, 1, iter(params[half:]))])
+        assert report.num_tensors == len(params)
+        assert base == ["rejoin_pp000", "rejoin_pp001"]
+        assert [_STAGE_GROUPS[b][3] for b in base] == ["rejoin_pp000", "rejoin_pp001.1"]
+        assert_serves(engine, model, 8)
+    finally:
+        transport.close()
+    assert not any(b in _STAGE_GROUPS for b in base)
+
+
 # ----------------------------------------------------------------------------------------------------
 # a PP=2 actor over gloo: each stage's source rank sends its own stage, through trainer.sync_weights
 # ----------------------------------------------------------------------------------------------------

@@ -569,18 +569,18 @@ class NcclBroadcastTransport(WeightTransport):
             # multi_tenant: the one-stream path's rendezvous (send) may host master_port in this process too
             self._stores.append(TCPStore(self.master_address, port, None, True, timeout=GROUP_TIMEOUT,
                                          wait_for_workers=False, multi_tenant=True))
-        self._stage_names = [self.stage_group_name(s) for s in range(num_stages)]
+        names = [self.stage_group_name(s) for s in range(num_stages)]
+        self._stage_names = sorted(set(self._stage_names) | set(names))
         self._stage_urls = list(urls)
         options = {"master_address": self.master_address, "ports": [st.port for st in self._stores[:num_stages]],
-                   "group_names": list(self._stage_names), "backend": self.backend, "ranks_per_server": self.ranks_per_server}
+                   "group_names": names, "backend": self.backend, "ranks_per_server": self.ranks_per_server}
         return StagePlan(self.name, version, bucket_bytes, urls=tuple(urls), in_turn=True, options=options)
 
     @staticmethod
     def send_stage(plan: StagePlan, stage: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> StageResult:
         """On a stage's source rank: its tensors broadcast over its own group, bucket by bucket,
         from the device they are on (NCCL: the GPU; no host copy)."""
-        name = plan.options["group_names"][stage]
-        group = _stage_group(plan, stage)
+        group, name = _stage_group(plan, stage)
         report = SyncReport(plan.version)
         weight_map: dict[str, str] = {}
         to_send = functools.partial(_sendable, plan.options["backend"])
@@ -588,7 +588,8 @@ class NcclBroadcastTransport(WeightTransport):
             try:
                 _broadcast_bucket(group, list(plan.urls), bucket, name, plan.version, to_send)
             except BaseException:
-                leave_stage_group(name)  # a broadcast left half-fed: the group cannot be trusted again
+                # a broadcast left half-fed, or a bucket refused: the group cannot be trusted again
+                leave_stage_group(plan.options["group_names"][stage])
                 raise
             weight_map.update((n, name) for n, _ in bucket)
             del bucket
@@ -621,6 +622,11 @@ class NcclBroadcastTransport(WeightTransport):
                 raise
             del bucket  # before the next bucket is built
 
+    def commit_stages(self, urls, plan, results):
+        # the names the stages' groups carry now (a rejoined group has a new one): close() leaves them
+        self._stage_names = sorted(set(self._stage_names) | {g for r in results for g in r.weight_map.values()})
+        super().commit_stages(urls, plan, results)
+
     def close(self) -> None:
         """Leaves the groups on both sides, so that the group names can be used again: the one-stream
         group, this rank's own stage group, and the other stages' groups on the servers' side (their
@@ -631,8 +637,8 @@ class NcclBroadcastTransport(WeightTransport):
         for name in self._stage_names:
             if name in _STAGE_GROUPS:
                 leave_stage_group(name)
-            else:
-                _leave(None, self._stage_urls, name)
+            elif not any(held[3] == name for held in _STAGE_GROUPS.values()):
+                _leave(None, self._stage_urls, name)  # another rank's group: the servers' side only
         self._stage_names, self._stage_urls, self._stores = [], [], []
 
 
@@ -666,35 +672,42 @@ def _leave(group, urls: list[str], group_name: str) -> None:
         dist.destroy_process_group(group)
 
 
-# On each stage's sender: the group it built, by name, with the servers it was built for. A group
-# lives across syncs (joining costs a rendezvous with every server); it is rebuilt when the servers
-# change and left after a failed broadcast.
+# On each stage's sender, by the plan's group name: (the group it built, the servers it was built
+# for, its store, the name it joined under). A group lives across syncs (joining costs a rendezvous
+# with every server); it is rebuilt when the servers change and left after a failed bucket. A rebuilt
+# group takes a new name (`<name>.<n>`): the rendezvous keys of the old one stay in the store (torch
+# names them after the group), and a new group under the old name could read them.
 _STAGE_GROUPS: dict[str, tuple] = {}
+_JOINS: dict[str, int] = {}
 
 
 def _stage_group(plan: StagePlan, stage: int):
+    """(group, name) of this rank's stage group for `plan`, joined now if it has none for these servers."""
     from torch.distributed import TCPStore
 
     options, urls = plan.options, tuple(plan.urls)
-    name = options["group_names"][stage]
-    held = _STAGE_GROUPS.get(name)
+    base = options["group_names"][stage]
+    held = _STAGE_GROUPS.get(base)
     if held is not None and held[1] == urls:
-        return held[0]
+        return held[0], held[3]
     if held is not None:
-        leave_stage_group(name)
+        leave_stage_group(base)
+    joins = _JOINS[base] = _JOINS.get(base, -1) + 1
+    name = base if joins == 0 else f"{base}.{joins}"
     port = options["ports"][stage]
     bodies = _init_bodies(list(urls), options["master_address"], port, options["ranks_per_server"], name, options["backend"])
     store = TCPStore(options["master_address"], port, None, False, timeout=GROUP_TIMEOUT)
     group = _join_as_sender(list(urls), bodies, store=store)
-    _STAGE_GROUPS[name] = (group, urls, store)
-    return group
+    _STAGE_GROUPS[base] = (group, urls, store, name)
+    return group, name
 
 
-def leave_stage_group(name: str) -> None:
-    """This rank leaves its stage group `name` (and has the servers leave it); a no-op without one."""
-    held = _STAGE_GROUPS.pop(name, None)
+def leave_stage_group(base: str) -> None:
+    """This rank leaves its stage group of plan name `base` (and has the servers leave it); a no-op
+    without one."""
+    held = _STAGE_GROUPS.pop(base, None)
     if held is not None:
-        _leave(held[0], list(held[1]), name)
+        _leave(held[0], list(held[1]), held[3])
 
 
 def _sendable(backend: str, tensor: torch.Tensor) -> torch.Tensor:
