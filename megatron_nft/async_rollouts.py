@@ -48,8 +48,10 @@ PENDING_TENSORS = "pending_old_logprobs.safetensors"
 @dataclass
 class ReadyRollout:
     """A step's rollout as the loop trains on it: which weight version sampled it, how long its
-    collection took (generation and grading, on the thread), and its old log-probs [B, S] once the
-    actor has computed them under that version (None: the actor still holds that version)."""
+    collection took (generation and grading, on the thread), and its old log-probs once the actor has
+    computed them under that version (None: the actor still holds that version): on rank 0, one per
+    response token with rows end to end, gathered from the ranks that hold the rows (sharded_train);
+    [B, S] where the rollout trains whole (InfoNCA's split pre-pass, checkpoints written before)."""
 
     step: int
     rollout: StepRollout

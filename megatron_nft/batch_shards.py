@@ -34,7 +34,9 @@ class RaggedBatch:
     """Rows (prompt + response) without padding. Row i's prompt and response tokens are the i-th
     `prompt_lens[i] + response_lens[i]` tokens of `tokens`; its rollout log-probs (one per response
     token) the i-th `response_lens[i]` of `rollout_logprobs`. `row_ids` are the rows' indices in the
-    whole batch, `width` the whole batch's longest row, so that a shard pads exactly as the batch."""
+    whole batch, `width` the whole batch's longest row, so that a shard pads exactly as the batch.
+    `old_logprobs`: log π_old laid out as `rollout_logprobs`, when computed before the batch was cut
+    (async mode's rollouts scored ahead); None otherwise."""
 
     tokens: torch.Tensor  # [T] int32
     prompt_lens: torch.Tensor  # [B] int64
@@ -43,6 +45,7 @@ class RaggedBatch:
     per_row: dict[str, torch.Tensor]  # name -> [B] float32
     row_ids: torch.Tensor  # [B] int64
     width: int
+    old_logprobs: torch.Tensor | None = None  # [R] float32
 
     @property
     def rows(self) -> int:
@@ -67,6 +70,7 @@ class RaggedBatch:
             per_row={k: v[index] for k, v in self.per_row.items()},
             row_ids=self.row_ids[index],
             width=self.width,
+            old_logprobs=None if self.old_logprobs is None else _pick_segments(self.old_logprobs, self.response_lens, index),
         )
 
     def padded(self) -> dict:
@@ -195,12 +199,13 @@ def scatter_shards(batch: RaggedBatch | None, rows_by_dp_rank: list[list[int]] |
                    replica_group=None) -> RaggedBatch:
     """Every rank gets the rows of its data-parallel rank (rank 0 holds `batch` and the assignment;
     the other ranks pass None). From rank 0 point to point over the gloo control group (host tensors,
-    five messages: sizes, row lengths and ids, token ids, log-probs, per-row values), so a rank never
-    receives another data-parallel rank's rows.
+    five messages: sizes, row lengths and ids, token ids, log-probs, per-row values; a sixth with old
+    log-probs), so a rank never receives another data-parallel rank's rows.
 
     `replica_group`: the group of ranks that share this data-parallel rank (its TP x PP x CP ranks),
     when there are several. Rank 0 then sends only to the lowest rank of each such group, which
-    broadcasts within it; that group is NCCL on GPUs, so there the tensors travel on its device."""
+    broadcasts within it; that group is NCCL on GPUs, so there the tensors travel on its device.
+    Log-probs already computed for the batch (`batch.old_logprobs`) travel with the rows."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return batch.select(rows_by_dp_rank[dp_rank])
     group, rank, world = control_group(), dist.get_rank(), dist.get_world_size()
@@ -222,7 +227,7 @@ def scatter_shards(batch: RaggedBatch | None, rows_by_dp_rank: list[list[int]] |
                     dist.send(tensor, dst, group=group)
         shard = batch.select(rows_by_dp_rank[dp_rank])
     elif leader == rank:
-        sizes = torch.zeros(4, dtype=torch.long)
+        sizes = torch.zeros(5, dtype=torch.long)
         dist.recv(sizes, 0, group=group)
         received = _buffers(sizes.tolist(), len(keys), torch.device("cpu"))
         for tensor in received:
@@ -239,7 +244,7 @@ def _broadcast_within(shard: RaggedBatch | None, keys: list[str], src: int, grou
 
     device = comm_device(group)
     sent = [t.to(device) for t in _encode(shard, keys)] if shard is not None else None
-    sizes = sent[0] if sent is not None else torch.zeros(4, dtype=torch.long, device=device)
+    sizes = sent[0] if sent is not None else torch.zeros(5, dtype=torch.long, device=device)
     dist.broadcast(sizes, src, group=group)
     payload = sent[1:] if sent is not None else _buffers(sizes.tolist(), len(keys), device)
     for tensor in payload:
@@ -248,25 +253,29 @@ def _broadcast_within(shard: RaggedBatch | None, keys: list[str], src: int, grou
 
 
 def _buffers(sizes: list[int], keys: int, device) -> list[torch.Tensor]:
-    rows, total, answers, _ = sizes
+    rows, total, answers, _, with_old = sizes
     return [torch.empty(3 * rows, dtype=torch.long, device=device), torch.empty(total, dtype=torch.int32, device=device),
             torch.empty(answers, dtype=torch.float32, device=device),
-            torch.empty((keys, rows) if keys else (0,), dtype=torch.float32, device=device)]
+            torch.empty((keys, rows) if keys else (0,), dtype=torch.float32, device=device),
+            *([torch.empty(answers, dtype=torch.float32, device=device)] if with_old else [])]
 
 
 def _decode(sizes: list[int], tensors: list[torch.Tensor], keys: list[str]) -> RaggedBatch:
-    rows, _, _, width = sizes
-    meta, tokens, logprobs, per_row = tensors
+    rows, _, _, width, with_old = sizes
+    meta, tokens, logprobs, per_row = tensors[:4]
     prompt_lens, response_lens, row_ids = meta.view(3, rows)
     return RaggedBatch(tokens=tokens, prompt_lens=prompt_lens, response_lens=response_lens, rollout_logprobs=logprobs,
-                       per_row=dict(zip(keys, per_row)), row_ids=row_ids, width=width)
+                       per_row=dict(zip(keys, per_row)), row_ids=row_ids, width=width,
+                       old_logprobs=tensors[4] if with_old else None)
 
 
 def _encode(shard: RaggedBatch, keys: list[str]) -> list[torch.Tensor]:
-    sizes = torch.tensor([shard.rows, shard.tokens.numel(), shard.rollout_logprobs.numel(), shard.width])
+    with_old = shard.old_logprobs is not None
+    sizes = torch.tensor([shard.rows, shard.tokens.numel(), shard.rollout_logprobs.numel(), shard.width, int(with_old)])
     meta = torch.cat([shard.prompt_lens, shard.response_lens, shard.row_ids])
     per_row = torch.stack([shard.per_row[k] for k in keys]) if keys else torch.zeros(0)
-    return [sizes, meta, shard.tokens.contiguous(), shard.rollout_logprobs.contiguous(), per_row]
+    return [sizes, meta, shard.tokens.contiguous(), shard.rollout_logprobs.contiguous(), per_row,
+            *([shard.old_logprobs.float().contiguous()] if with_old else [])]
 
 
 def gather_answer_values(shard: RaggedBatch, values: torch.Tensor, *, rows: int, sends: bool = True) -> torch.Tensor | None:

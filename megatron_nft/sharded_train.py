@@ -1,4 +1,4 @@
-"""A sync step on a sharded batch (issue #18 item 2): rank 0 keeps the rollout, turns it into one
+"""A step on a sharded batch (issue #18 item 2): rank 0 keeps the rollout, turns it into one
 RaggedBatch and sends each data-parallel rank only the rows it trains on (batch_shards); every rank
 computes the old log-probs of its own rows, on the micro-batches each minibatch trains on, and trains
 on them (Actor.compute_logprobs_local, Actor.train_step_local). What needs the whole batch is worked
@@ -16,11 +16,14 @@ TIS-weighted loss mask (different only if a weight underflows to 0 at a row's la
 
 What stays on the whole-batch path (trainer.train_on_rollout, the rollout broadcast whole): a
 group-coupled loss (InfoNCA) whose groups do not fit a micro-batch (its split pre-pass contrasts the
-rows of a group across ranks), and rollout.mode=async (its pending rollouts keep [B, S] old log-probs).
+rows of a group across ranks). In rollout.mode=async the rollouts scored ahead are cut the same way,
+their old log-probs gathered to rank 0 (where checkpoints keep them, one per response token) and sent
+back with the rows when trained on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -47,8 +50,10 @@ from megatron_nft.runtime import broadcast_object, is_main_rank
 class SharedRollout:
     """A step's rollout as every rank holds it. `rollout`: the whole StepRollout on rank 0; elsewhere
     the whole one when not `sharded`, else only its metrics (no prompts, no completions). `lengths`:
-    every row's needed length (sharded). `shard`: this rank's rows (sharded). `ragged`: the whole
-    batch (rank 0, sharded). `batch_metrics`: train/reward and train/accuracy (sharded)."""
+    every row's needed length (sharded). `shard`: this rank's rows (sharded), with their old log-probs
+    when they came with the rollout. `ragged`: the whole batch (rank 0, sharded). `batch_metrics`:
+    train/reward and train/accuracy (sharded). `old_logprobs`: those that came with the rollout, on
+    every rank (not sharded)."""
 
     rollout: StepRollout
     groups: int
@@ -57,6 +62,7 @@ class SharedRollout:
     shard: RaggedBatch | None = None
     ragged: RaggedBatch | None = None
     batch_metrics: dict = field(default_factory=dict)
+    old_logprobs: torch.Tensor | None = None
 
 
 def shardable(actor: Actor, lengths: list[int], k: int, num_minibatches: int) -> bool:
@@ -67,9 +73,12 @@ def shardable(actor: Actor, lengths: list[int], k: int, num_minibatches: int) ->
                for span in minibatch_rows(len(lengths), k, num_minibatches))
 
 
-def share_rollout(actor: Actor, cfg: TrainConfig, collected: StepRollout | None) -> SharedRollout:
-    """Every rank calls it; rank 0 with the step's rollout. Sends its outline (metrics, row lengths) to
-    every rank, then each data-parallel rank its rows (or, where shards cannot train, the whole rollout)."""
+def share_rollout(actor: Actor, cfg: TrainConfig, collected: StepRollout | None,
+                  old_logprobs: torch.Tensor | None = None) -> SharedRollout:
+    """Every rank calls it; rank 0 with the step's rollout, and its old log-probs if computed already
+    (one per response token, rows end to end; or [B, S] as checkpoints before this layout hold them).
+    Sends its outline (metrics, row lengths) to every rank, then each data-parallel rank its rows (or,
+    where shards cannot train, the whole rollout)."""
     from megatron_nft.trainer import training_rewards
 
     k, main = cfg.rollout.samples_per_prompt, is_main_rank()
@@ -77,6 +86,9 @@ def share_rollout(actor: Actor, cfg: TrainConfig, collected: StepRollout | None)
     if main:
         rewards = training_rewards(cfg, collected)
         ragged = rollout_ragged_batch(collected, k, rewards) if collected.prompts else None
+        if ragged is not None and old_logprobs is not None:
+            flat = ragged.answer_values(old_logprobs) if old_logprobs.dim() == 2 else old_logprobs
+            ragged = dataclasses.replace(ragged, old_logprobs=flat)
         lengths = ragged.needed_lengths() if ragged is not None else []
         head = {"metrics": collected.metrics, "groups": len(collected.prompts),
                 "lengths": lengths if shardable(actor, lengths, k, cfg.algo.num_minibatches) else None,
@@ -84,7 +96,8 @@ def share_rollout(actor: Actor, cfg: TrainConfig, collected: StepRollout | None)
                                   "train/accuracy": sum(collected.rewards) / max(len(collected.rewards), 1)}}
     head = broadcast_object(head)
     if head["lengths"] is None:
-        return SharedRollout(broadcast_object(collected), head["groups"], sharded=False)
+        whole, old = broadcast_object((collected, old_logprobs) if main else None)
+        return SharedRollout(whole, head["groups"], sharded=False, old_logprobs=old)
     lengths = head["lengths"]
     shard = None
     if lengths:
@@ -97,27 +110,63 @@ def share_rollout(actor: Actor, cfg: TrainConfig, collected: StepRollout | None)
                          lengths=lengths, shard=shard, ragged=ragged, batch_metrics=head["batch_metrics"])
 
 
+class _Minibatches:
+    """This rank's rows of each of the step's minibatches, as LocalRows of a padded shard."""
+
+    def __init__(self, cfg: TrainConfig, shared: SharedRollout):
+        self.k, self.lengths = cfg.rollout.samples_per_prompt, shared.lengths
+        self.spans = minibatch_rows(len(self.lengths), self.k, cfg.algo.num_minibatches)
+        self.row_ids = shared.shard.row_ids.tolist()
+        self.mine = [[i for i, row in enumerate(self.row_ids) if row in span] for span in self.spans]
+
+    def local(self, m: int, tensors: dict) -> LocalRows:
+        span, rows = self.spans[m], self.mine[m]
+        return LocalRows(select_rows(tensors, torch.tensor(rows, dtype=torch.long)),
+                         [self.row_ids[i] - span.start for i in rows], self.lengths[span.start : span.stop])
+
+    def old_logprobs(self, actor: Actor, batch: dict) -> torch.Tensor:
+        """log π_old [n, S] of the shard's rows under the actor's current weights, on the micro-batches
+        each minibatch trains on."""
+        old = torch.zeros_like(batch["loss_mask"])
+        for m, span in enumerate(self.spans):
+            whole = self.k if actor.keeps_groups_whole(self.lengths[span.start : span.stop], self.k) else None
+            old[torch.tensor(self.mine[m], dtype=torch.long)] = actor.compute_logprobs_local(self.local(m, batch), group_size=whole)[0]
+        return old
+
+
+def ahead_old_logprobs(actor: Actor, cfg: TrainConfig, rollout: StepRollout | None) -> torch.Tensor | None:
+    """Async mode: log π_old of a rollout under the actor's current weights (swapped in: the version
+    that sampled it), computed now, trained on later. Every rank calls it, rank 0 with the rollout;
+    rank 0 gets them, one per response token with rows end to end (share_rollout takes them back),
+    the other ranks None. A rollout without groups has none."""
+    from megatron_nft.trainer import rollout_old_logprobs
+
+    shared = share_rollout(actor, cfg, rollout)
+    if not shared.groups:
+        return None
+    if not shared.sharded:
+        old = rollout_old_logprobs(actor, cfg, shared.rollout)
+        return old if is_main_rank() else None
+    shard = shared.shard
+    old = _Minibatches(cfg, shared).old_logprobs(actor, shard.padded())
+    return gather_answer_values(shard, shard.answer_values(old), rows=len(shared.lengths), sends=actor.replica_leader)
+
+
 def train_on_shards(actor: Actor, cfg: TrainConfig, shared: SharedRollout) -> tuple[dict, list[bool]]:
-    """train_on_rollout on this rank's shard: old log-probs of its rows, then `num_minibatches`
-    optimizer steps; returns the same metrics, and per minibatch whether its update was skipped."""
+    """train_on_rollout on this rank's shard: old log-probs of its rows (unless they came with the
+    rollout), then `num_minibatches` optimizer steps; returns the same metrics, and per minibatch
+    whether its update was skipped."""
     k, main, cap = cfg.rollout.samples_per_prompt, is_main_rank(), cfg.algo.tis_cap
     lengths, shard = shared.lengths, shared.shard
-    spans = minibatch_rows(len(lengths), k, cfg.algo.num_minibatches)
+    minibatches = _Minibatches(cfg, shared)
+    spans = minibatches.spans
     batch = shard.padded()
-    row_ids = shard.row_ids.tolist()
-    mine = [[i for i, row in enumerate(row_ids) if row in span] for span in spans]  # local rows per minibatch
-
-    def local(span: range, rows: list[int], tensors: dict) -> LocalRows:
-        index = torch.tensor(rows, dtype=torch.long)
-        return LocalRows(select_rows(tensors, index), [row_ids[i] - span.start for i in rows],
-                         lengths[span.start : span.stop])
-
     # 3. old log-probs of this rank's rows, on the micro-batches each minibatch trains on
     started = time.perf_counter()
-    old = torch.zeros_like(batch["loss_mask"])
-    for span, rows in zip(spans, mine):
-        whole = k if actor.keeps_groups_whole(lengths[span.start : span.stop], k) else None
-        old[torch.tensor(rows, dtype=torch.long)] = actor.compute_logprobs_local(local(span, rows, batch), group_size=whole)[0]
+    if shard.old_logprobs is not None:  # computed ahead (async): at the labels, 0 elsewhere (the loss reads no other)
+        old = shard.aligned(shard.old_logprobs)
+    else:
+        old = minibatches.old_logprobs(actor, batch)
     old_logprobs_s = time.perf_counter() - started
     batch["old_logprobs"] = old
     if cap is not None:  # as train_on_rollout: each token weighted by min(π_old / π_rollout, cap)
@@ -131,8 +180,8 @@ def train_on_shards(actor: Actor, cfg: TrainConfig, shared: SharedRollout) -> tu
     # 4. the minibatch updates
     step_metrics = []
     started = time.perf_counter()
-    for span, rows, norm in zip(spans, mine, norms):
-        step_metrics.append(actor.train_step_local(local(span, rows, batch), group_size=k, norm=norm))
+    for m, norm in enumerate(norms):
+        step_metrics.append(actor.train_step_local(minibatches.local(m, batch), group_size=k, norm=norm))
     metrics["time/train_s"] = time.perf_counter() - started
     metrics |= {f"actor/{key}": value for key, value in average_steps(StepStats, step_metrics).items()}
     metrics["actor/loss_first_minibatch"] = step_metrics[0]["loss"]

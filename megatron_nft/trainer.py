@@ -13,9 +13,9 @@ save), the metrics logger. Every resource is closed by one exit stack.
 
 Rank 0 owns the rollout engine and the grading pool; every rank runs the actor. The other ranks wait
 for rank 0 on the control group (gloo, no device watchdog: they wait there for as long as the rollout
-takes). In sync steps rank 0 turns the batch into tensors and each data-parallel rank receives only
-its rows (sharded_train.py); async steps, and InfoNCA's split pre-pass, broadcast the whole rollout and
-every rank builds the global batch (rollout_batch).
+takes). Rank 0 turns the batch into tensors and each data-parallel rank receives only its rows
+(sharded_train.py); InfoNCA's split pre-pass broadcasts the whole rollout and every rank builds the
+global batch (rollout_batch).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from megatron_nft.reward import shape_overlong
 from megatron_nft.rollout import RolloutEngine, SamplingParams
 from megatron_nft.run_dir import write_atomically
 from megatron_nft.runtime import any_rank, broadcast_object, gather_objects, is_main_rank
-from megatron_nft.sharded_train import share_rollout, train_on_shards
+from megatron_nft.sharded_train import ahead_old_logprobs, share_rollout, train_on_shards
 
 
 def training_rewards(cfg: TrainConfig, rollout: StepRollout) -> list[float]:
@@ -412,28 +412,36 @@ class Trainer:
         if hasattr(self.engine, "take_request_seconds"):
             self.engine.take_request_seconds()
         launched = self.rollouts.launch(step, version=step)  # the engine holds version `step`
-        ready: ReadyRollout = broadcast_object(self.rollouts.take(step) if self.collector is not None else None)
-        rollout = ready.rollout
+        ready: ReadyRollout | None = self.rollouts.take(step) if self.collector is not None else None
+        version, scored = broadcast_object((ready.version, ready.old_logprobs is not None) if ready is not None else None)
+        # rank 0 keeps the rollout; each data-parallel rank gets only its rows (sharded_train.py)
+        shared = share_rollout(self.actor, self.cfg, ready.rollout if ready is not None else None,
+                               old_logprobs=ready.old_logprobs if ready is not None else None)
+        rollout = shared.rollout
         t_rollout = time.perf_counter() - t0
         metrics = dict(rollout.metrics)
-        metrics["rollout/staleness"] = step - ready.version
-        if rollout.prompts and ready.old_logprobs is None and ready.version != step:
-            raise RuntimeError(f"step {step + 1}: a rollout of weight version {ready.version} without its old log-probs")
+        metrics["rollout/staleness"] = step - version
+        if shared.groups and not scored and version != step:
+            raise RuntimeError(f"step {step + 1}: a rollout of weight version {version} without its old log-probs")
         # the weights that sample what is generating now, kept for those rollouts' old log-probs
         snapshot = self.actor.weights_snapshot() if any(s > step for s in launched) else None
-        if rollout.prompts:
-            step_metrics, nonfinite = train_on_rollout(self.actor, self.cfg, rollout, old_logprobs=ready.old_logprobs)
+        if shared.groups:
+            step_metrics, nonfinite = (train_on_shards(self.actor, self.cfg, shared) if shared.sharded else
+                                       train_on_rollout(self.actor, self.cfg, rollout, old_logprobs=shared.old_logprobs))
             metrics.update(step_metrics)
             self.guard.check(step + 1, nonfinite, rollout, before_raising=lambda: self.logger.log(step + 1, metrics))
         else:
             metrics["actor/skipped_step_no_mixed_groups"] = 1
-        finished: list[ReadyRollout] = broadcast_object(self.rollouts.finish() if self.collector is not None else None)
-        if finished:
+        finished: list[ReadyRollout] | None = self.rollouts.finish() if self.collector is not None else None
+        ahead_count = broadcast_object(len(finished) if finished is not None else None)
+        if ahead_count:
             started = time.perf_counter()
             with self.actor.weights_swapped(snapshot):
-                for ahead in finished:
-                    if ahead.rollout.prompts:
-                        ahead.old_logprobs = rollout_old_logprobs(self.actor, self.cfg, ahead.rollout)
+                for i in range(ahead_count):
+                    # cut and scored like a step's batch; rank 0 keeps the old log-probs, every rank's rows'
+                    old = ahead_old_logprobs(self.actor, self.cfg, finished[i].rollout if finished is not None else None)
+                    if finished is not None:
+                        finished[i].old_logprobs = old
             metrics["time/old_logprobs_ahead_s"] = time.perf_counter() - started
             if self.collector is not None:
                 self.rollouts.keep(finished)

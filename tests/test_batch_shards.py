@@ -7,6 +7,7 @@ the micro-batches MicroBatchPlan.split cuts from the whole minibatch, and the tr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -141,6 +142,8 @@ def _scatter_on_ranks(rank, world_size):
     runtime.init_process_group()
     rows = _rows(lengths=(5, 0, 9, 3, 7, 1, 4, 8, 2, 6))
     ragged = ragged_batch(*rows) if rank == 0 else None
+    if rank == 0:  # old log-probs computed before the cut (async mode) travel with their rows
+        ragged = dataclasses.replace(ragged, old_logprobs=ragged.rollout_logprobs * 2 - 1)
     out = {}
     # each rank its own data-parallel rank (DP = world); then both ranks one data-parallel rank (a
     # TP/PP layout), sent to each by rank 0, or to rank 0 only and broadcast within their replica
@@ -150,6 +153,7 @@ def _scatter_on_ranks(rank, world_size):
                                               ("mp", 0, [[7, 5, 6]], None), ("replicas", 0, [[8, 1]], replicas)):
         shard = scatter_shards(ragged, assignment if rank == 0 else None, dp_rank, replica_group=group)
         out[label] = {"ids": shard.row_ids, **shard.padded()}
+        out[f"{label} old"] = torch.equal(shard.old_logprobs, shard.rollout_logprobs * 2 - 1)
         old = shard.answer_values(_old_logprobs(out[label]["tokens"]))  # this rank's rows' "old log-probs"
         if label == "dp":  # rank 0 gets the whole batch's, in order: the whole-batch gap from the shards
             gathered = gather_answer_values(shard, old, rows=10)
@@ -195,6 +199,7 @@ def test_scatter_gives_each_rank_only_its_rows():
     results = run_distributed(_scatter_on_ranks, 2, timeout_s=300)
     for rank, out in enumerate(results):
         for label, ids in (("dp", [[0, 3, 4, 9, 6], [1, 2, 8, 5, 7]][rank]), ("mp", [7, 5, 6]), ("replicas", [8, 1])):
+            assert out[f"{label} old"], (rank, label)
             got = out[label]
             assert got.pop("ids").tolist() == ids
             want = select_rows(whole, torch.tensor(ids))
@@ -271,8 +276,8 @@ def _sharded_against_whole(rank, world_size):
     from megatron_nft.actor import Actor
     from megatron_nft.config import load_config
     from megatron_nft.model.qwen2 import Qwen2Shape
-    from megatron_nft.sharded_train import share_rollout, train_on_shards
-    from megatron_nft.trainer import train_on_rollout
+    from megatron_nft.sharded_train import ahead_old_logprobs, share_rollout, train_on_shards
+    from megatron_nft.trainer import rollout_batch, rollout_old_logprobs, train_on_rollout
 
     runtime.init_process_group()
     shape = Qwen2Shape(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -300,6 +305,25 @@ def _sharded_against_whole(rank, world_size):
         (want, want_w, _), (got, got_w, rows) = results
         out.append({"want": want, "got": got, "rows": rows,
                     "same_weights": all(torch.equal(a, b) for a, b in zip(want_w, got_w))})
+    # async mode: old log-probs scored ahead (gathered to rank 0, sent back with the rows) against the
+    # whole-batch path's [B, S] ones, and a step trained on each
+    cfg = load_config(None, ["algo.num_minibatches=2", "rollout.samples_per_prompt=2", "optim.lr=1e-2"])
+    ahead = []
+    for sharded in (False, True):
+        actor = Actor(shape, optim=cfg.optim, algo=cfg.algo, seed=5, micro_batch_size=2)
+        if sharded:
+            old = ahead_old_logprobs(actor, cfg, rollout if rank == 0 else None)
+            metrics, _ = train_on_shards(actor, cfg, share_rollout(actor, cfg, rollout if rank == 0 else None, old_logprobs=old))
+        else:
+            old = rollout_old_logprobs(actor, cfg, rollout)
+            metrics, _ = train_on_rollout(actor, cfg, rollout, old_logprobs=old)
+        ahead.append((old, {k: v for k, v in metrics.items() if not k.startswith("time/")},
+                      [p.detach().clone() for p in actor.model.parameters()]))
+        actor.close()
+    (whole_old, want, want_w), (flat_old, got, got_w) = ahead
+    mask = rollout_batch(rollout, 2, rollout.rewards)["loss_mask"].bool()
+    out.append({"old_gathered": torch.equal(flat_old, whole_old[mask]) if rank == 0 else flat_old is None,
+                "want": want, "got": got, "same_weights": all(torch.equal(a, b) for a, b in zip(want_w, got_w))})
     # InfoNCA whose groups do not fit a micro-batch (split pre-pass): the whole rollout goes to every rank
     cfg = load_config(None, ["algo.name=infonca", "rollout.samples_per_prompt=2"])
     actor = Actor(shape, algo=cfg.algo, seed=5, micro_batch_size=1)
@@ -312,11 +336,14 @@ def _sharded_against_whole(rank, world_size):
 def test_the_sharded_step_gives_the_whole_batch_step_s_numbers():
     """train_on_shards (each data-parallel rank its rows, the whole-batch figures from rank 0) against
     train_on_rollout (every rank the whole batch) on 2 ranks, DP=2 (and TP=2), from the same weights:
-    every metric bit for bit, the same updated weights, each data-parallel rank trained on rows of its own."""
+    every metric bit for bit, the same updated weights, each data-parallel rank trained on rows of its own;
+    in async mode's form too (old log-probs scored ahead, gathered to rank 0, trained on later)."""
     results = run_distributed(_sharded_against_whole, 2, timeout_s=600)
     for rank, out in enumerate(results):
-        *cases, fallback = out
+        *cases, ahead, fallback = out
         assert fallback["whole"], rank
+        assert ahead["old_gathered"] and ahead["same_weights"], rank
+        assert ahead["want"] == ahead["got"], rank
         for (algo, _, _), case in zip(SHARDED_CASES, cases):
             assert case["got"].keys() == case["want"].keys(), algo
             diff = {k: (v, case["got"][k]) for k, v in case["want"].items() if not _same(v, case["got"][k])}
