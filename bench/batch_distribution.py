@@ -13,7 +13,11 @@ gloo ranks (one process each, DP = world size), in a fresh set of processes per 
           trainer.rollout_batch on every rank (the whole padded batch everywhere);
   after   batch_shards: rank 0 turns the rollout into one RaggedBatch, train_rows gives each
           data-parallel rank its rows (the padded micro-batch plan, micro_batch_size 8, 2 minibatches),
-          scatter_shards sends each rank only those rows, and each rank pads its shard.
+          scatter_shards sends each rank only those rows, and each rank pads its shard;
+  trainer the trainer's sync step as it runs now: sharded_train.share_rollout (rank 0's outline of the
+          step to every rank, the ragged batch, train_rows from the actor's own plan, the scatter)
+          then the shard padded, with a tiny real Actor (DP = world, micro-batch 8, 2 minibatches)
+          built before the measurement.
 
 Per rank: wall seconds from a barrier to the rank's padded batch (a rank that receives includes its
 wait for rank 0), the process's CPU seconds over the same span (one thread a rank; on a box shared
@@ -79,6 +83,17 @@ def _rank(rank, world_size, path, answers, k, mean_tokens):
     from megatron_nft.trainer import rollout_batch
 
     runtime.init_process_group()
+    actor = cfg = None
+    if path == "trainer":
+        from megatron_nft.actor import Actor
+        from megatron_nft.config import load_config
+        from megatron_nft.model.qwen2 import Qwen2Shape
+
+        cfg = load_config(None, [f"rollout.samples_per_prompt={k}", "algo.num_minibatches=2", "parallel.micro_batch_size=8"])
+        shape = Qwen2Shape(vocab_size=150000, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                           num_kv_heads=1, head_dim=4, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=8,
+                           tie_word_embeddings=True)
+        actor = Actor(shape, micro_batch_size=8, algo=cfg.algo)
     rollout = synthetic_rollout(answers, k, mean_tokens) if rank == 0 else None
     tokens = sum(len(c.token_ids) for c in rollout.completions) if rank == 0 else 0
     gc.collect()
@@ -96,6 +111,16 @@ def _rank(rank, world_size, path, answers, k, mean_tokens):
         phases["rollout_batch_s"] = time.perf_counter() - mark
         mine = MicroBatchPlan(dp=world_size, micro_batch_size=8).rows_by_rank([1] * len(got.rewards))[rank]
         rows = [r for r in mine if r < len(got.rewards)]
+    elif path == "trainer":
+        from megatron_nft.sharded_train import share_rollout
+
+        shared = share_rollout(actor, cfg, rollout)
+        phases["share_rollout_s"] = time.perf_counter() - start
+        mark = time.perf_counter()
+        batch = shared.shard.padded()
+        phases["pad_s"] = time.perf_counter() - mark
+        rows = shared.shard.row_ids.tolist()
+        del shared
     else:
         plan = MicroBatchPlan(dp=world_size, dp_rank=rank, micro_batch_size=8)
         ragged = assignment = None
@@ -149,7 +174,7 @@ def main(argv=None) -> None:
     print("| DP | path | rank | wall s | CPU s | wall phases (s) | extra host peak GiB | host peak GiB | rows held | width |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for world in args.worlds:
-        for path in ("before", "after"):
+        for path in ("before", "after", "trainer"):
             out = run(path, world, args.answers, args.samples_per_prompt, args.mean_tokens)
             results[f"{path} dp={world}"] = out
             for r in out:
@@ -157,7 +182,7 @@ def main(argv=None) -> None:
                 print(f"| {world} | {path} | {r['rank']} | {r['seconds']:.2f} | {r['cpu']:.2f} | {phases} | {r['extra_gib']:.3f} | "
                       f"{r['peak_gib']:.2f} | {r['rows_held']} | {r['width']} |", flush=True)
         tokens = results[f"before dp={world}"][0]["response_tokens"]
-        b, a = results[f"before dp={world}"], results[f"after dp={world}"]
+        b, a = results[f"before dp={world}"], results[f"trainer dp={world}"]
         worst_b = max(r["extra_gib"] for r in b[1:]) if world > 1 else b[0]["extra_gib"]
         worst_a = max(r["extra_gib"] for r in a[1:]) if world > 1 else a[0]["extra_gib"]
         print(f"# DP={world}: {tokens / 1e6:.1f}M response tokens; other ranks' extra peak {worst_b:.3f} -> "
