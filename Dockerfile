@@ -30,6 +30,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 
+# 0. The Slurm scripts run pkill (procps) in the container: NGC's images have it; a base without it
+#    (found by building on a minimal Debian stand-in, scripts/build-image-here) gets it from apt.
+RUN command -v pkill > /dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends procps \
+      && rm -rf /var/lib/apt/lists/*; }
+
 # 1. What the base image built together stays: NGC PyTorch images (25.03 and later) pin every package
 #    they ship (torch, Transformer Engine, apex, flash-attn, numpy, ...) in a pip constraints file that
 #    every pip in the image obeys (PIP_CONSTRAINT or the global pip configuration). The trainer's
@@ -66,7 +71,11 @@ RUN pip install --no-deps /opt/megatron-nft
 #    trainer and servers needs it) when SGLang's torch still loads with it (a torch built against a
 #    newer NCCL may need its symbols); otherwise the mismatch is recorded and smoke.sh says so (the
 #    default disk transport needs no shared NCCL). Its CUDA 13 wheels need a host driver with CUDA 13.
-RUN python -m venv /opt/sglang \
+#    WITH_SGLANG=0 leaves SGLang out (a build of the other layers where SGLang's wheels cannot be had,
+#    scripts/build-image-here --no-sglang; smoke.sh then says it checked no SGLang).
+ARG WITH_SGLANG=1
+RUN if [ "${WITH_SGLANG}" = 0 ]; then mkdir -p /opt/sglang && echo "built with WITH_SGLANG=0" > /opt/sglang/NOT_INSTALLED; exit 0; fi \
+ && python -m venv /opt/sglang \
  && SGLANG_PIP="env -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null /opt/sglang/bin/pip" \
  && ${SGLANG_PIP} install --upgrade pip \
  && ${SGLANG_PIP} install "sglang==${SGLANG_VERSION}" \

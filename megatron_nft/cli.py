@@ -22,7 +22,17 @@ import sys
 import warnings
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _recipes_dir() -> Path:
+    """The shipped recipes: beside the package in a checkout (or an editable install), else where a
+    wheel installs them (pyproject's data-files: <prefix>/share/megatron-nft/recipes), as in the image."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    installed = Path(sys.prefix) / "share" / "megatron-nft" / "recipes"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
+
+
+RECIPES = _recipes_dir()
 
 
 class _Parser(argparse.ArgumentParser):

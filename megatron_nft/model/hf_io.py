@@ -152,7 +152,7 @@ def save_hf_checkpoint(
             json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)
         )
     if dtype is not None:
-        config.torch_dtype = str(dtype).removeprefix("torch.")
+        config.dtype = dtype  # written as config.json's "dtype" (transformers 5 name; torch_dtype is deprecated)
     config.save_pretrained(str(tmp))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
