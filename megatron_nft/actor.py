@@ -429,22 +429,29 @@ class Actor:
             raise ValueError(f"agg=group_mean needs whole groups: {loss_mask.shape[0]} rows, group_size={group_size}")
         return int((loss_mask.view(-1, group_size, loss_mask.shape[1]).sum(dim=(1, 2)) > 0).sum())
 
-    def train_step_local(self, local: LocalRows, *, group_size: int, norm: float) -> dict[str, float]:
+    def train_step_local(self, local: LocalRows, *, group_size: int, norm: float,
+                         split_loss: float | None = None) -> dict[str, float]:
         """train_step on a minibatch of which this data-parallel rank holds only its rows (`local`,
         as train_step's batch: tokens, loss_mask, old_logprobs, rewards, correct_rate, optional
         reward_std), with what needs the whole minibatch given: `norm` (aggregation_norm of the whole
         minibatch's loss mask, the same on every rank). The micro-batches, and so the update, are
-        train_step's on the whole minibatch. A group-coupled loss must keep its groups whole
-        (keeps_groups_whole): the split pre-pass reads the whole minibatch."""
+        train_step's on the whole minibatch. A group-coupled loss whose groups do not fit
+        (keeps_groups_whole false) needs the split pre-pass's result, which reads the whole
+        minibatch: its rows' coefficients as `coef` in the batch and the loss's value `split_loss`
+        (split_coefficients, on rank 0)."""
         algo = self.algo.resolved()
         couples_group = algorithm(algo.name).couples_group
-        if couples_group and not self.keeps_groups_whole(local.lengths, group_size):
-            raise NotImplementedError(f"{algo.name} with groups that do not fit a micro-batch needs the whole "
-                                      f"minibatch (the split pre-pass): train_step")
-        keys = [k for k in _TRAIN_KEYS if k in local.batch]
+        whole = couples_group and self.keeps_groups_whole(local.lengths, group_size)
+        split = None
+        if couples_group and not whole:
+            if "coef" not in local.batch or split_loss is None:
+                raise ValueError(f"train_step_local: {algo.name} with groups that do not fit a micro-batch needs "
+                                 f"the split pre-pass's coef and split_loss")
+            split = {"loss": split_loss}
+        keys = [k for k in _TRAIN_KEYS if k in local.batch] + (["coef"] if split is not None else [])
         micro, _ = self.microbatches.split_local(LocalRows({k: local.batch[k] for k in keys}, local.positions, local.lengths),
-                                                 group_size=group_size if couples_group else None)
-        return self._train_on(micro, norm=norm, group_size=group_size)
+                                                 group_size=group_size if whole else None)
+        return self._train_on(micro, norm=norm, group_size=group_size, split=split)
 
     def train_step(self, batch: dict, *, group_size: int | None = None) -> dict[str, float]:
         """One optimizer step on a minibatch: returns loss, grad norm, lr and the loss stats.
@@ -534,9 +541,15 @@ class Actor:
         policy_loss, on CPU) gives sum(c * l) whose gradient in the weights is exactly L's at this
         point; micro-batches of any rows then train on that per-token surrogate. Costs one more
         forward than whole-group micro-batches. Returns the coefficients [B, S] and L's value."""
-        algo = self.algo.resolved()
         current, _ = self.compute_logprobs({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]})
         self.model.train()
+        return self.split_coefficients(current, batch, group_size, norm)
+
+    def split_coefficients(self, current: torch.Tensor, batch: dict, group_size: int, norm: float) -> dict:
+        """_split_group_coefficients from the minibatch's log-probs `current` [B, S] under the current
+        weights (pure CPU autograd: where the rows are spread over ranks, rank 0 runs it on values
+        gathered to it). The loss reads `current` at loss positions only."""
+        algo = self.algo.resolved()
         current = current.double().requires_grad_()
         options = LossOptions.from_config(algo, agg="token_sum_norm", agg_norm=norm, group_size=group_size)
         loss, _ = policy_loss(

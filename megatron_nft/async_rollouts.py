@@ -51,7 +51,7 @@ class ReadyRollout:
     collection took (generation and grading, on the thread), and its old log-probs once the actor has
     computed them under that version (None: the actor still holds that version): on rank 0, one per
     response token with rows end to end, gathered from the ranks that hold the rows (sharded_train);
-    [B, S] where the rollout trains whole (InfoNCA's split pre-pass, checkpoints written before)."""
+    [B, S] in checkpoints written before that layout (still read)."""
 
     step: int
     rollout: StepRollout

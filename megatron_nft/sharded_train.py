@@ -14,9 +14,10 @@ whole-batch path packs the whole batch once for them; padded rows give per-row r
 and rows are packed by their response lengths, where the whole-batch path reads them off the
 TIS-weighted loss mask (different only if a weight underflows to 0 at a row's last token).
 
-What stays on the whole-batch path (trainer.train_on_rollout, the rollout broadcast whole): a
-group-coupled loss (InfoNCA) whose groups do not fit a micro-batch (its split pre-pass contrasts the
-rows of a group across ranks). In rollout.mode=async the rollouts scored ahead are cut the same way,
+A group-coupled loss (InfoNCA) whose groups do not fit a micro-batch needs a pre-pass over the whole
+minibatch (Actor._split_group_coefficients): each rank computes its rows' log-probs, rank 0 runs the
+loss's autograd on them gathered and sends the coefficients back (4 bytes a response token of the
+minibatch to every rank). In rollout.mode=async the rollouts scored ahead are cut the same way,
 their old log-probs gathered to rank 0 (where checkpoints keep them, one per response token) and sent
 back with the rows when trained on.
 """
@@ -49,36 +50,23 @@ from megatron_nft.runtime import broadcast_object, is_main_rank
 @dataclass
 class SharedRollout:
     """A step's rollout as every rank holds it. `rollout`: the whole StepRollout on rank 0; elsewhere
-    the whole one when not `sharded`, else only its metrics (no prompts, no completions). `lengths`:
-    every row's needed length (sharded). `shard`: this rank's rows (sharded), with their old log-probs
-    when they came with the rollout. `ragged`: the whole batch (rank 0, sharded). `batch_metrics`:
-    train/reward and train/accuracy (sharded). `old_logprobs`: those that came with the rollout, on
-    every rank (not sharded)."""
+    only its metrics (no prompts, no completions). `lengths`: every row's needed length. `shard`: this
+    rank's rows, with their old log-probs when they came with the rollout. `ragged`: the whole batch
+    (rank 0). `batch_metrics`: train/reward and train/accuracy."""
 
     rollout: StepRollout
     groups: int
-    sharded: bool
     lengths: list[int] = field(default_factory=list)
     shard: RaggedBatch | None = None
     ragged: RaggedBatch | None = None
     batch_metrics: dict = field(default_factory=dict)
-    old_logprobs: torch.Tensor | None = None
-
-
-def shardable(actor: Actor, lengths: list[int], k: int, num_minibatches: int) -> bool:
-    """Whether every minibatch can train on shards: not a group-coupled loss that needs the split pre-pass."""
-    if not algorithm(actor.algo.resolved().name).couples_group:
-        return True
-    return all(actor.keeps_groups_whole(lengths[span.start : span.stop], k)
-               for span in minibatch_rows(len(lengths), k, num_minibatches))
 
 
 def share_rollout(actor: Actor, cfg: TrainConfig, collected: StepRollout | None,
                   old_logprobs: torch.Tensor | None = None) -> SharedRollout:
     """Every rank calls it; rank 0 with the step's rollout, and its old log-probs if computed already
     (one per response token, rows end to end; or [B, S] as checkpoints before this layout hold them).
-    Sends its outline (metrics, row lengths) to every rank, then each data-parallel rank its rows (or,
-    where shards cannot train, the whole rollout)."""
+    Sends its outline (metrics, row lengths) to every rank, then each data-parallel rank its rows."""
     from megatron_nft.trainer import training_rewards
 
     k, main = cfg.rollout.samples_per_prompt, is_main_rank()
@@ -90,14 +78,10 @@ def share_rollout(actor: Actor, cfg: TrainConfig, collected: StepRollout | None,
             flat = ragged.answer_values(old_logprobs) if old_logprobs.dim() == 2 else old_logprobs
             ragged = dataclasses.replace(ragged, old_logprobs=flat)
         lengths = ragged.needed_lengths() if ragged is not None else []
-        head = {"metrics": collected.metrics, "groups": len(collected.prompts),
-                "lengths": lengths if shardable(actor, lengths, k, cfg.algo.num_minibatches) else None,
+        head = {"metrics": collected.metrics, "groups": len(collected.prompts), "lengths": lengths,
                 "batch_metrics": {"train/reward": sum(rewards) / max(len(rewards), 1),
                                   "train/accuracy": sum(collected.rewards) / max(len(collected.rewards), 1)}}
     head = broadcast_object(head)
-    if head["lengths"] is None:
-        whole, old = broadcast_object((collected, old_logprobs) if main else None)
-        return SharedRollout(whole, head["groups"], sharded=False, old_logprobs=old)
     lengths = head["lengths"]
     shard = None
     if lengths:
@@ -106,7 +90,7 @@ def share_rollout(actor: Actor, cfg: TrainConfig, collected: StepRollout | None,
         assignment = train_rows(actor.microbatches, lengths, group_size=k, num_minibatches=cfg.algo.num_minibatches,
                                 whole_groups=whole) if main else None
         shard = scatter_shards(ragged, assignment, actor.dp_rank, replica_group=actor.replica_group)
-    return SharedRollout(collected if main else StepRollout(metrics=head["metrics"]), head["groups"], sharded=True,
+    return SharedRollout(collected if main else StepRollout(metrics=head["metrics"]), head["groups"],
                          lengths=lengths, shard=shard, ragged=ragged, batch_metrics=head["batch_metrics"])
 
 
@@ -139,14 +123,9 @@ def ahead_old_logprobs(actor: Actor, cfg: TrainConfig, rollout: StepRollout | No
     that sampled it), computed now, trained on later. Every rank calls it, rank 0 with the rollout;
     rank 0 gets them, one per response token with rows end to end (share_rollout takes them back),
     the other ranks None. A rollout without groups has none."""
-    from megatron_nft.trainer import rollout_old_logprobs
-
     shared = share_rollout(actor, cfg, rollout)
     if not shared.groups:
         return None
-    if not shared.sharded:
-        old = rollout_old_logprobs(actor, cfg, shared.rollout)
-        return old if is_main_rank() else None
     shard = shared.shard
     old = _Minibatches(cfg, shared).old_logprobs(actor, shard.padded())
     return gather_answer_values(shard, shard.answer_values(old), rows=len(shared.lengths), sends=actor.replica_leader)
@@ -175,13 +154,17 @@ def train_on_shards(actor: Actor, cfg: TrainConfig, shared: SharedRollout) -> tu
     # the whole batch's old log-probs on rank 0, in its order: the figures over every token, and the norms
     gathered = gather_answer_values(shard, shard.answer_values(old), rows=len(lengths), sends=actor.replica_leader)
     whole_batch = _whole_batch_figures(actor, shared.ragged, gathered, spans, k, cap) if main else None
-    metrics, norms = broadcast_object(whole_batch)
+    metrics, norms = broadcast_object(whole_batch[:2] if main else None)
+    weights = whole_batch[2] if main else None
     metrics = {**metrics, "time/old_logprobs_s": old_logprobs_s, **shared.batch_metrics}
     # 4. the minibatch updates
     step_metrics = []
     started = time.perf_counter()
     for m, norm in enumerate(norms):
-        step_metrics.append(actor.train_step_local(minibatches.local(m, batch), group_size=k, norm=norm))
+        local, split_loss = minibatches.local(m, batch), None
+        if algorithm(actor.algo.resolved().name).couples_group and not actor.keeps_groups_whole(local.lengths, k):
+            split_loss = _split_pre_pass(actor, shared, minibatches, m, local, norm, gathered, weights)
+        step_metrics.append(actor.train_step_local(local, group_size=k, norm=norm, split_loss=split_loss))
     metrics["time/train_s"] = time.perf_counter() - started
     metrics |= {f"actor/{key}": value for key, value in average_steps(StepStats, step_metrics).items()}
     metrics["actor/loss_first_minibatch"] = step_metrics[0]["loss"]
@@ -213,4 +196,39 @@ def _whole_batch_figures(actor: Actor, ragged: RaggedBatch, old: torch.Tensor, s
         first = ends[span.start - 1] if span.start else 0
         values = weights[first : ends[span.stop - 1]] if weights is not None else torch.ones(int(rows.response_lens.sum()))
         norms.append(actor.aggregation_norm(rows.aligned(values), k))  # the minibatch's (weighted) loss mask
-    return metrics, norms
+    return metrics, norms, weights
+
+
+def _split_pre_pass(actor: Actor, shared: SharedRollout, minibatches: _Minibatches, m: int, local: LocalRows,
+                    norm: float, old: torch.Tensor | None, weights: torch.Tensor | None) -> float:
+    """Actor._split_group_coefficients for minibatch `m` spread over ranks: every rank its rows'
+    log-probs under the current weights (the micro-batches the whole-batch pre-pass cuts), gathered
+    to rank 0, which runs the loss's autograd on the whole minibatch (its rows from the ragged batch,
+    `old` and the TIS `weights` of the whole batch, one per response token) and sends back the
+    coefficients; puts this rank's rows' coefficients in `local.batch` as "coef" and returns the
+    loss's value. A group's rows may sit on different ranks: only rank 0 sees them together."""
+    k, span = minibatches.k, minibatches.spans[m]
+    current, _ = actor.compute_logprobs_local(local, group_size=None)
+    rows = minibatches.mine[m]
+    mine = shared.shard.select(rows)
+    mine = dataclasses.replace(mine, row_ids=mine.row_ids - span.start)  # numbered within the minibatch
+    gathered = gather_answer_values(mine, mine.answer_values(current), rows=len(span), sends=actor.replica_leader)
+    payload = None
+    if is_main_rank():
+        whole = shared.ragged.select(span)
+        ends = torch.cumsum(shared.ragged.response_lens, 0).tolist()
+        first, last = (ends[span.start - 1] if span.start else 0), ends[span.stop - 1]
+        padded = whole.padded()
+        batch = {"old_logprobs": whole.aligned(old[first:last]), "rewards": padded["rewards"],
+                 "correct_rate": padded["correct_rate"], "reward_std": padded["reward_std"],
+                 "loss_mask": padded["loss_mask"] if weights is None else whole.aligned(weights[first:last])}
+        split = actor.split_coefficients(whole.aligned(gathered), batch, k, norm)
+        payload = (whole.answer_values(split["coef"]), whole.response_lens, split["loss"])
+    coef, response_lens, loss = broadcast_object(payload)
+    # this rank's rows' coefficients, in its rows' order, aligned as its batch
+    starts = (torch.cumsum(response_lens, 0) - response_lens).tolist()
+    sizes = response_lens.tolist()
+    positions = mine.row_ids.tolist()
+    values = torch.cat([coef[starts[p] : starts[p] + sizes[p]] for p in positions]) if positions else coef[:0]
+    local.batch["coef"] = mine.aligned(values)
+    return loss

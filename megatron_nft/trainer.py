@@ -14,8 +14,8 @@ save), the metrics logger. Every resource is closed by one exit stack.
 Rank 0 owns the rollout engine and the grading pool; every rank runs the actor. The other ranks wait
 for rank 0 on the control group (gloo, no device watchdog: they wait there for as long as the rollout
 takes). Rank 0 turns the batch into tensors and each data-parallel rank receives only its rows
-(sharded_train.py); InfoNCA's split pre-pass broadcasts the whole rollout and every rank builds the
-global batch (rollout_batch).
+(sharded_train.py). train_on_rollout, every rank on the whole batch, is the reference the sharded step
+is tested against (tests/test_batch_shards.py).
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def old_logprobs_of(actor: Actor, batch: dict) -> torch.Tensor:
 
 
 def rollout_old_logprobs(actor: Actor, cfg: TrainConfig, rollout: StepRollout) -> torch.Tensor:
-    """log π_old of a whole rollout, as train_on_rollout would compute it now (async_rollouts.py)."""
+    """log π_old [B, S] of a whole rollout, as train_on_rollout would compute it now (the whole-batch
+    reference of sharded_train.ahead_old_logprobs)."""
     return old_logprobs_of(actor, rollout_batch(rollout, cfg.rollout.samples_per_prompt, training_rewards(cfg, rollout)))
 
 
@@ -389,8 +390,7 @@ class Trainer:
         metrics = dict(rollout.metrics)
         if shared.groups:
             # 3-4. old log-probs, then the minibatch updates
-            step_metrics, nonfinite = (train_on_shards(self.actor, self.cfg, shared) if shared.sharded
-                                       else train_on_rollout(self.actor, self.cfg, rollout))
+            step_metrics, nonfinite = train_on_shards(self.actor, self.cfg, shared)
             metrics.update(step_metrics)
             self.guard.check(step + 1, nonfinite, rollout, before_raising=lambda: self.logger.log(step + 1, metrics))
         else:
@@ -426,8 +426,7 @@ class Trainer:
         # the weights that sample what is generating now, kept for those rollouts' old log-probs
         snapshot = self.actor.weights_snapshot() if any(s > step for s in launched) else None
         if shared.groups:
-            step_metrics, nonfinite = (train_on_shards(self.actor, self.cfg, shared) if shared.sharded else
-                                       train_on_rollout(self.actor, self.cfg, rollout, old_logprobs=shared.old_logprobs))
+            step_metrics, nonfinite = train_on_shards(self.actor, self.cfg, shared)
             metrics.update(step_metrics)
             self.guard.check(step + 1, nonfinite, rollout, before_raising=lambda: self.logger.log(step + 1, metrics))
         else:
