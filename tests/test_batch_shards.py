@@ -315,7 +315,11 @@ def _sharded_against_whole(rank, world_size):
         actor = Actor(shape, optim=cfg.optim, algo=cfg.algo, seed=5, micro_batch_size=2)
         if sharded:
             old = ahead_old_logprobs(actor, cfg, rollout if rank == 0 else None)
-            metrics, _ = train_on_shards(actor, cfg, share_rollout(actor, cfg, rollout if rank == 0 else None, old_logprobs=old))
+            shared = share_rollout(actor, cfg, rollout if rank == 0 else None, old_logprobs=old)
+            # a checkpoint written before this layout holds [B, S]: its rows get the same values
+            legacy = share_rollout(actor, cfg, rollout if rank == 0 else None, old_logprobs=ahead[0][0] if rank == 0 else None)
+            legacy_same = torch.equal(legacy.shard.old_logprobs, shared.shard.old_logprobs)
+            metrics, _ = train_on_shards(actor, cfg, shared)
         else:
             old = rollout_old_logprobs(actor, cfg, rollout)
             metrics, _ = train_on_rollout(actor, cfg, rollout, old_logprobs=old)
@@ -325,7 +329,8 @@ def _sharded_against_whole(rank, world_size):
     (whole_old, want, want_w), (flat_old, got, got_w) = ahead
     mask = rollout_batch(rollout, 2, rollout.rewards)["loss_mask"].bool()
     out.append({"old_gathered": torch.equal(flat_old, whole_old[mask]) if rank == 0 else flat_old is None,
-                "want": want, "got": got, "same_weights": all(torch.equal(a, b) for a, b in zip(want_w, got_w))})
+                "want": want, "got": got, "same_weights": all(torch.equal(a, b) for a, b in zip(want_w, got_w)),
+                "legacy_same": legacy_same})
     return out
 
 
@@ -337,7 +342,7 @@ def test_the_sharded_step_gives_the_whole_batch_step_s_numbers():
     results = run_distributed(_sharded_against_whole, 2, timeout_s=600)
     for rank, out in enumerate(results):
         *cases, ahead = out
-        assert ahead["old_gathered"] and ahead["same_weights"], rank
+        assert ahead["old_gathered"] and ahead["same_weights"] and ahead["legacy_same"], rank
         assert ahead["want"] == ahead["got"], rank
         for (algo, _, _), case in zip(SHARDED_CASES, cases):
             assert case["got"].keys() == case["want"].keys(), algo
