@@ -127,21 +127,22 @@ def test_sglang_venv_resolves_under_ngc_constraints(tmp_path):
     base = {k: v for k, v in os.environ.items() if k in ("PATH", "PIP_CERT", "PIP_DEFAULT_TIMEOUT", "SSL_CERT_FILE")}
     base["HOME"] = str(tmp_path)
 
-    def resolve(command: str, **env) -> subprocess.CompletedProcess:
-        report = tmp_path / "report.json"
-        report.unlink(missing_ok=True)
-        return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=1200,
-                              env={**base, "REPORT": str(report), **env})
+    def resolve(command: str, report: Path, **env) -> subprocess.Popen:
+        return subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**base, "REPORT": str(report), **env})
 
     fixed = _sglang_install_command(str(venv / "bin" / "pip"))
     unfixed = fixed.replace("env -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null ", "")
     assert unfixed != fixed
-    # as NGC's image sets it (PIP_CONSTRAINT), the old command cannot resolve: SGLang needs its own torch
-    done = resolve(unfixed, PIP_CONSTRAINT=str(constraints))
-    assert done.returncode != 0 and "ResolutionImpossible" in done.stderr, done.stderr[-2000:]
-    # the Dockerfile's command, under the constraint set both ways NGC may set it, resolves
-    done = resolve(fixed, PIP_CONSTRAINT=str(constraints), PIP_CONFIG_FILE=str(pip_conf))
-    assert done.returncode == 0, done.stderr[-3000:]
+    # both resolutions at once (minutes of PyPI metadata each, network-bound), each with its own report:
+    # as NGC's image sets it (PIP_CONSTRAINT), the old command cannot resolve (SGLang needs its own
+    # torch); the Dockerfile's command, under the constraint set both ways NGC may set it, resolves
+    old = resolve(unfixed, tmp_path / "old.json", PIP_CONSTRAINT=str(constraints))
+    new = resolve(fixed, tmp_path / "report.json", PIP_CONSTRAINT=str(constraints), PIP_CONFIG_FILE=str(pip_conf))
+    _, old_err = old.communicate(timeout=1200)
+    _, new_err = new.communicate(timeout=1200)
+    assert old.returncode != 0 and "ResolutionImpossible" in old_err, old_err[-2000:]
+    assert new.returncode == 0, new_err[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in report["install"]}
     assert chosen["sglang"] == re.search(r"^ARG SGLANG_VERSION=(\S+)$", DOCKERFILE, flags=re.M).group(1)
