@@ -166,12 +166,18 @@ def train_on_shards(actor: Actor, cfg: TrainConfig, shared: SharedRollout) -> tu
             split_loss = _split_pre_pass(actor, shared, minibatches, m, local, norm, gathered, weights)
         step_metrics.append(actor.train_step_local(local, group_size=k, norm=norm, split_loss=split_loss))
     metrics["time/train_s"] = time.perf_counter() - started
-    metrics |= {f"actor/{key}": value for key, value in average_steps(StepStats, step_metrics).items()}
-    metrics["actor/loss_first_minibatch"] = step_metrics[0]["loss"]
-    metrics["actor/minibatches"] = len(step_metrics)
-    metrics["actor/skipped_updates"] = sum(not m["update_ok"] for m in step_metrics)
-    metrics["actor/nonfinite_updates"] = sum(m["nonfinite"] for m in step_metrics)
-    return metrics, [m["nonfinite"] for m in step_metrics]
+    return metrics | minibatch_metrics(step_metrics), [m["nonfinite"] for m in step_metrics]
+
+
+def minibatch_metrics(step_metrics: list[dict]) -> dict:
+    """A step's actor/ metrics from its minibatches' train-step results: each statistic as StepStats
+    declares it reduces (min, max, else the mean), the first loss and the update counts."""
+    return {f"actor/{key}": value for key, value in average_steps(StepStats, step_metrics).items()} | {
+        "actor/loss_first_minibatch": step_metrics[0]["loss"],
+        "actor/minibatches": len(step_metrics),
+        "actor/skipped_updates": sum(not m["update_ok"] for m in step_metrics),
+        "actor/nonfinite_updates": sum(m["nonfinite"] for m in step_metrics),
+    }
 
 
 def _whole_batch_figures(actor: Actor, ragged: RaggedBatch, old: torch.Tensor, spans: list[range], k: int,

@@ -34,7 +34,7 @@ import torch
 
 from megatron_nft.actor import Actor
 from megatron_nft.async_rollouts import AsyncRollouts, ReadyRollout, load_pending
-from megatron_nft.algorithms import StepStats, average_steps, group_correct_rate, group_reward_std, truncated_is_weights
+from megatron_nft.algorithms import group_correct_rate, group_reward_std, truncated_is_weights
 from megatron_nft.checkpointing import Checkpointer, load_megatron_weights
 from megatron_nft.collect import Prompt, RolloutCollector, Scorer, StepRollout, step_seed
 from megatron_nft.config import TrainConfig, model_options
@@ -44,7 +44,7 @@ from megatron_nft.reward import shape_overlong
 from megatron_nft.rollout import RolloutEngine, SamplingParams
 from megatron_nft.run_dir import write_atomically
 from megatron_nft.runtime import any_rank, broadcast_object, gather_objects, is_main_rank
-from megatron_nft.sharded_train import ahead_old_logprobs, share_rollout, train_on_shards
+from megatron_nft.sharded_train import ahead_old_logprobs, minibatch_metrics, share_rollout, train_on_shards
 
 
 def training_rewards(cfg: TrainConfig, rollout: StepRollout) -> list[float]:
@@ -132,13 +132,7 @@ def train_on_rollout(actor: Actor, cfg: TrainConfig, rollout: StepRollout,
         rows = slice(start * k, min(groups, start + per_mb) * k)
         step_metrics.append(actor.train_step(select_rows(batch, rows), group_size=k))
     metrics["time/train_s"] = time.perf_counter() - started
-    # each logged statistic over the minibatches as StepStats declares it (min, max, else the mean)
-    metrics |= {f"actor/{key}": value for key, value in average_steps(StepStats, step_metrics).items()}
-    metrics["actor/loss_first_minibatch"] = step_metrics[0]["loss"]
-    metrics["actor/minibatches"] = len(step_metrics)
-    metrics["actor/skipped_updates"] = sum(not m["update_ok"] for m in step_metrics)
-    metrics["actor/nonfinite_updates"] = sum(m["nonfinite"] for m in step_metrics)
-    return metrics, [m["nonfinite"] for m in step_metrics]
+    return metrics | minibatch_metrics(step_metrics), [m["nonfinite"] for m in step_metrics]
 
 
 def sync_weights(actor: Actor, engine: RolloutEngine | None, version: int) -> float:
@@ -388,19 +382,23 @@ class Trainer:
         rollout = shared.rollout
         t_rollout = time.perf_counter() - t0
         metrics = dict(rollout.metrics)
-        if shared.groups:
-            # 3-4. old log-probs, then the minibatch updates
-            step_metrics, nonfinite = train_on_shards(self.actor, self.cfg, shared)
-            metrics.update(step_metrics)
-            self.guard.check(step + 1, nonfinite, rollout, before_raising=lambda: self.logger.log(step + 1, metrics))
-        else:
-            metrics["actor/skipped_step_no_mixed_groups"] = 1
+        self.train_on(step, shared, metrics)  # 3-4. old log-probs, then the minibatch updates
         # 5. the new weights to the rollout engine
         metrics["time/sync_s"] = sync_weights(self.actor, self.engine, version=step + 1)
         metrics["time/rollout_s"] = t_rollout
         metrics["time/step_s"] = time.perf_counter() - t0
         metrics |= self.performance(rollout, metrics, collect_s)
         return metrics
+
+    def train_on(self, step: int, shared, metrics: dict) -> None:
+        """Old log-probs (unless scored ahead) and the minibatch updates on this rank's shard, into
+        `metrics`; a step without mixed groups is recorded as skipped."""
+        if not shared.groups:
+            metrics["actor/skipped_step_no_mixed_groups"] = 1
+            return
+        step_metrics, nonfinite = train_on_shards(self.actor, self.cfg, shared)
+        metrics.update(step_metrics)
+        self.guard.check(step + 1, nonfinite, shared.rollout, before_raising=lambda: self.logger.log(step + 1, metrics))
 
     def step_overlapped(self, step: int) -> dict:
         """Step `step` with rollout.mode=async: the coming steps' answers are generated while this one
@@ -425,12 +423,7 @@ class Trainer:
             raise RuntimeError(f"step {step + 1}: a rollout of weight version {version} without its old log-probs")
         # the weights that sample what is generating now, kept for those rollouts' old log-probs
         snapshot = self.actor.weights_snapshot() if any(s > step for s in launched) else None
-        if shared.groups:
-            step_metrics, nonfinite = train_on_shards(self.actor, self.cfg, shared)
-            metrics.update(step_metrics)
-            self.guard.check(step + 1, nonfinite, rollout, before_raising=lambda: self.logger.log(step + 1, metrics))
-        else:
-            metrics["actor/skipped_step_no_mixed_groups"] = 1
+        self.train_on(step, shared, metrics)
         finished: list[ReadyRollout] | None = self.rollouts.finish() if self.collector is not None else None
         ahead_count = broadcast_object(len(finished) if finished is not None else None)
         if ahead_count:
